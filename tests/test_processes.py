@@ -1,0 +1,80 @@
+"""The entry point at work in every vLLM process: a multi-process engine and ``vllm serve`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from helpers import PROMPTS, run_llm
+
+pytestmark = pytest.mark.engine
+
+
+def test_multiprocess_engine_registers_in_the_worker(tiny, monkeypatch):
+    """Engine core and worker are separate spawned processes here; only the entry point can register us there."""
+    path = tiny("llama", tied=False)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    # The oracle runs multi-process too: the worker's thread count changes the body's bf16 GEMMs.
+    oracle = run_llm(path, hf_overrides={"head_dtype": "float32"})
+    ours = run_llm(path, quantization="bf16_last_layer_fp32")
+    assert ours.methods["lm_head"] == "vllm_lmhead_quant.methods.fp32_head.FP32HeadMethod"
+    assert ours.head["logits_dtype"] == "torch.float32"
+    assert ours.flat() == oracle.flat()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("method", ["bf16_last_layer_fp32", "fp8_lm_head"])
+def test_vllm_serve_answers_with_logprobs(tiny, tmp_path, method):
+    path = tiny("llama", tied=False)
+    port = _free_port()
+    vllm_cli = Path(sys.executable).with_name("vllm")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the real default
+    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    cmd = [str(vllm_cli), "serve", str(path), "--quantization", method, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
+           "--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "tiny"]  # fmt: skip
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server not healthy in 240 s"
+            time.sleep(1)
+        out = _post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0, "logprobs": 5},
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    logprobs = out["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) == 4
+    assert all(len(top) == 5 for top in logprobs["top_logprobs"])
+    assert all(lp <= 0 and lp == lp for lp in logprobs["token_logprobs"])
+    text = (tmp_path / "serve.log").read_text()
+    assert f"-> {method}" in text  # our one INFO line, from the server's worker process

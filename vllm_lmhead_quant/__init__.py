@@ -1,0 +1,32 @@
+"""vllm_lmhead_quant: vLLM quantization methods that change only the LM head.
+
+``--quantization bf16_last_layer_fp32``
+    bf16 weights and activations, fp32 logits (bf16 x bf16 -> fp32 GEMM), so sampled logprobs match an RL
+    trainer that computes its head in fp32.
+``--quantization fp8_lm_head``
+    the head weight is stored as FP8 e4m3 with per-vocab-row scales after loading; the freed bytes go to the
+    KV cache.
+
+vLLM finds this package through the ``vllm.general_plugins`` entry point and calls :func:`register` in every
+process (API server, engine core, workers). Importing the package does not import vLLM, so the trainer-side
+code can be used without it.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+METHOD_NAMES = ("bf16_last_layer_fp32", "fp8_lm_head")
+
+_registered = False
+
+
+def register() -> None:
+    """Register both quantization methods with vLLM. Idempotent and cheap after the first call."""
+    global _registered
+    if _registered:
+        return
+    # Importing the config module runs vLLM's @register_quantization_config decorators.
+    from vllm_lmhead_quant import config  # noqa: F401
+
+    _registered = True

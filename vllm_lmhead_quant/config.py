@@ -1,0 +1,193 @@
+"""The two registered quantization configs. They hand our method to the LM head and vLLM's defaults to every
+other layer, so the model body computes bit-identically to a run without ``--quantization``.
+
+The head is found by what it is, not by its name:
+
+* a ``ParallelLMHead`` (Llama, Mistral, Qwen3 and most models in vLLM >= 0.30, tied or not);
+* an input ``VocabParallelEmbedding`` that the model also uses as its head (Gemma2; Qwen2/Qwen3 tied in
+  vLLM 0.26 alias ``lm_head = embed_tokens``). ``get_quant_method`` cannot know this when the embedding is
+  built, so the embedding gets a *candidate* method that is a subclass of vLLM's ``UnquantizedEmbeddingMethod``
+  (lookups stay exact). When a ``ParallelLMHead`` is built afterwards, the candidate is swapped back to vLLM's own
+  ``UnquantizedEmbeddingMethod`` before any weight exists. A candidate still in place at weight processing is the
+  head (tied models) or proof that the model never offered its head (untied: a clear error, see bf16_head.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    UnquantizedEmbeddingMethod,
+    VocabParallelEmbedding,
+)
+
+from vllm_lmhead_quant import _compat, _log
+from vllm_lmhead_quant._compat import AttentionLayerBase
+from vllm_lmhead_quant.methods.bf16_head import HeadNotBoundError, HeadProbeMethod, TiedBF16HeadMethod
+from vllm_lmhead_quant.methods.fp8_head import FP8HeadMethod
+from vllm_lmhead_quant.methods.fp32_head import FP32HeadMethod
+from vllm_lmhead_quant.options import HeadOptions
+
+
+class _ModelFacts:
+    """What the config needs to know about the model being built, read from vLLM's current config."""
+
+    def __init__(self, vllm_config: Any | None):
+        model_config = getattr(vllm_config, "model_config", None)
+        text_config = getattr(model_config, "hf_text_config", None)
+        self.architecture = (getattr(model_config, "architectures", None) or ["?"])[0]
+        self.tied = bool(getattr(text_config, "tie_word_embeddings", False))
+        self.dtype = getattr(model_config, "dtype", None)
+        self.head_dtype = _compat.head_dtype(model_config) if model_config is not None else None
+        self.options = HeadOptions.from_additional_config(_compat.additional_config(vllm_config))
+
+
+class _HeadOnlyConfig(QuantizationConfig):
+    """Shared logic: which layer gets which method. Subclasses say what the head (and a tied head) gets."""
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._reset_runtime()
+
+    # Runtime bookkeeping of one model construction; never pickled (the config travels to every process).
+    _RUNTIME = ("_head_bound", "_offered", "_candidates", "_attention_seen")
+
+    def _reset_runtime(self) -> None:
+        self._head_bound = False  # a ParallelLMHead got our method
+        self._offered = False  # some VocabParallelEmbedding was offered to us
+        self._candidates: list[weakref.ref] = []
+        self._attention_seen: set[int] = set()
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime()
+
+    # --- vLLM's QuantizationConfig interface -------------------------------------------------------
+    def get_name(self) -> str:
+        return self.name
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 70
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # nothing to read from the checkpoint: vLLM then builds us with cls()
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> _HeadOnlyConfig:
+        return cls()
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, ParallelLMHead):
+            facts = _ModelFacts(_compat.current_vllm_config())
+            self._release_candidates()
+            self._head_bound = True
+            return self._head_method(prefix, facts, tied=facts.tied)
+        if isinstance(layer, VocabParallelEmbedding):
+            if self._head_bound:
+                return None
+            facts = _ModelFacts(_compat.current_vllm_config())
+            method = (
+                self._head_method(prefix, facts, tied=True)
+                if facts.tied
+                else HeadProbeMethod(self.name, prefix, facts.architecture)
+            )
+            self._offered = True
+            self._candidates.append(weakref.ref(layer))
+            return method
+        if isinstance(layer, LinearBase):
+            return UnquantizedLinearMethod()  # None would raise in LinearBase; this is vLLM's default
+        if isinstance(layer, AttentionLayerBase):
+            self._check_offered(layer)
+        return None  # attention, MoE, norms...: vLLM's default for "no quantization"
+
+    def _check_offered(self, layer: torch.nn.Module) -> None:
+        """vLLM asks again for each attention layer's method in its own post-load step (after the whole model
+        was built and loaded). A second ask for the same layer with no head and no embedding ever offered to
+        us means the model built them without the quantization config: the flag would be a silent no-op."""
+        if id(layer) not in self._attention_seen:
+            self._attention_seen.add(id(layer))
+            return
+        if self._head_bound or self._offered or not _compat.is_last_pp_rank():
+            return
+        architecture = _ModelFacts(_compat.current_vllm_config()).architecture
+        raise HeadNotBoundError(
+            f"--quantization {self.name}: vLLM's {architecture} builds its LM head (and input embedding) without "
+            "passing the quantization config, so the method would silently do nothing. This architecture is not "
+            "supported by vllm_lmhead_quant on this vLLM version; run without the flag."
+        )
+
+    def _release_candidates(self) -> None:
+        """A real head exists: input embeddings built before it go back to vLLM's own method."""
+        for ref in self._candidates:
+            layer = ref()
+            if layer is not None and type(layer.quant_method).__module__.startswith("vllm_lmhead_quant"):
+                layer.quant_method = UnquantizedEmbeddingMethod()
+        self._candidates.clear()
+
+    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool) -> QuantizeMethodBase:
+        raise NotImplementedError
+
+
+@register_quantization_config("bf16_last_layer_fp32")
+class FP32HeadConfig(_HeadOnlyConfig):
+    """bf16 (or fp16) head weight and activations, fp32 logits."""
+
+    name = "bf16_last_layer_fp32"
+
+    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool) -> QuantizeMethodBase:
+        if facts.options != HeadOptions():
+            raise ValueError(
+                '--additional-config "lm_head_quant" options apply to fp8_lm_head only; '
+                "bf16_last_layer_fp32 always returns float32 logits. Remove them."
+            )
+        if facts.dtype == torch.float32:
+            _log.once(
+                logging.WARNING,
+                ("fp32-model",),
+                "%s already runs in float32, so bf16_last_layer_fp32 changes nothing; drop --quantization.",
+                facts.architecture,
+            )
+        elif facts.head_dtype == torch.float32:
+            _log.once(
+                logging.WARNING,
+                ("fp32-head-dtype",),
+                'hf_overrides {"head_dtype": "float32"} and bf16_last_layer_fp32 both request fp32 logits; '
+                "vLLM's head_dtype path computes them (same result). Drop one of the two.",
+            )
+        return FP32HeadMethod(prefix, facts.architecture)
+
+
+@register_quantization_config("fp8_lm_head")
+class FP8HeadConfig(_HeadOnlyConfig):
+    """FP8 e4m3 head weight with per-row scales; activations stay in the model dtype."""
+
+    name = "fp8_lm_head"
+
+    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool) -> QuantizeMethodBase:
+        if facts.head_dtype is not None and facts.dtype is not None and facts.head_dtype != facts.dtype:
+            raise ValueError(
+                'fp8_lm_head cannot be combined with hf_overrides {"head_dtype": ...}: vLLM computes that '
+                "override only for unquantized heads. For fp32 logits from the FP8 head, pass "
+                '--additional-config \'{"lm_head_quant": {"logits_dtype": "float32"}}\' instead.'
+            )
+        logits_dtype = torch.float32 if facts.options.logits_dtype == "float32" else None
+        if tied and facts.options.tied == "keep":
+            return TiedBF16HeadMethod(prefix, facts.architecture)
+        return FP8HeadMethod(prefix, facts.architecture, shared=tied, logits_dtype=logits_dtype)

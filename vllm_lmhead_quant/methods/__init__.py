@@ -1,0 +1,1 @@
+"""One head method per file; ``config.py`` decides which layer gets which."""

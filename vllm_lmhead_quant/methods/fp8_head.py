@@ -1,0 +1,101 @@
+"""``fp8_lm_head``'s head: FP8 e4m3 weight with one fp32 scale per vocab row, weight-only maths.
+
+Lifecycle (vLLM's online-quantization pattern, cf. ``fp8.py``): ``create_weights`` allocates the same bf16
+``[V_pad/tp, H]`` parameter and loader as the unquantized head, so checkpoints, vocab padding and TP sharding
+load unchanged; ``process_weights_after_loading`` quantizes it and *replaces* the parameter object (never
+``.data`` on a tensor that may be shared), so the bf16 storage is freed and vLLM's post-load memory profile
+hands the bytes to the KV cache; ``apply`` runs the weight-only FP8 GEMM.
+
+Why weight-only: dynamic per-token activation quantization (w8a8 ``_scaled_mm``) cost ~0.1 nats RMS logprob
+error on a random model and was *slower* than bf16 at hidden 1024 (docs/research notes); keeping activations in
+bf16 leaves only the weight's rounding. The seed PR (vLLM #35696) cast the weight with no scale and upcast it
+back every step, 7.7-8.6x slower than bf16 at decode.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.nn import Parameter
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+from vllm_lmhead_quant import _log, ops
+from vllm_lmhead_quant.fp8 import FP8_DTYPE, dequantize_rows, fp8_bytes, quantize_rows
+
+
+class FP8HeadMethod(QuantizeMethodBase):
+    """``shared=True``: the table also serves input lookups (tied embeddings, opt-in); ``embedding()`` then
+    dequantizes the looked-up rows. ``logits_dtype``: None for the activation dtype, or torch.float32."""
+
+    def __init__(
+        self,
+        prefix: str = "",
+        architecture: str = "?",
+        *,
+        shared: bool = False,
+        logits_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        self.prefix = prefix
+        self.architecture = architecture
+        self.shared = shared
+        self.logits_dtype = logits_dtype
+
+    def create_weights(self, layer: torch.nn.Module, *args, **extra_weight_attrs) -> None:
+        UnquantizedEmbeddingMethod.create_weights(self, layer, *args, **extra_weight_attrs)
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        weight = layer.weight
+        if weight.dtype == FP8_DTYPE:  # already processed (a second call, e.g. a shared module)
+            return
+        q, scale = quantize_rows(weight.data, name=f"{self.architecture} '{self.prefix}'")
+        attrs = {k: v for k, v in vars(weight).items() if k in ("input_dim", "output_dim", "weight_loader")}
+        before = weight.numel() * weight.element_size()
+        layer.orig_dtype = weight.dtype
+        new_weight = Parameter(q, requires_grad=False)
+        for key, value in attrs.items():
+            setattr(new_weight, key, value)
+        layer.weight = new_weight  # replaces the registered Parameter; the bf16 one is now unreferenced
+        layer.weight_scale = Parameter(scale, requires_grad=False)
+        del weight
+        after = fp8_bytes(*q.shape)
+        _log.once(
+            logging.INFO,
+            ("fp8", id(layer)),
+            "%s: %s '%s' -> fp8_lm_head (weight %s %s -> float8_e4m3fn + per-row fp32 scales%s, logits %s): "
+            "%s -> %s per rank, saved %s",
+            self.architecture,
+            type(layer).__name__,
+            self.prefix,
+            tuple(q.shape),
+            str(layer.orig_dtype).removeprefix("torch."),
+            "; shared with the input embeddings" if self.shared else "",
+            str(self.logits_dtype or layer.orig_dtype).removeprefix("torch."),
+            _log.mib(before),
+            _log.mib(after),
+            _log.mib(before - after),
+        )
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if layer.weight.dtype != FP8_DTYPE:  # before weight processing (never on a loaded engine)
+            return ops.fp32_logits(x, layer.weight, bias).to(self.logits_dtype or x.dtype)
+        return ops.fp8_logits(x, layer.weight, layer.weight_scale, bias, out_dtype=self.logits_dtype or x.dtype)
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        if layer.weight.dtype != FP8_DTYPE:
+            return torch.nn.functional.embedding(input_, layer.weight)
+        # index_select on the raw bytes: gathers need no FP8 kernel on any device.
+        rows = torch.nn.functional.embedding(input_, layer.weight.view(torch.uint8)).view(FP8_DTYPE)
+        flat = rows.reshape(-1, rows.shape[-1])
+        return dequantize_rows(flat, layer.weight_scale[input_.reshape(-1)], layer.orig_dtype).reshape(rows.shape)
+
+    def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
+        """Tied head. Shared mode: the embedding module itself becomes the head, so one table is quantized once
+        and serves both uses (the same layout as models that alias ``lm_head = embed_tokens``)."""
+        if not self.shared or getattr(layer, "bias", None) is not None:
+            layer.weight = embed_tokens.weight
+            return layer
+        embed_tokens.quant_method = self
+        return embed_tokens

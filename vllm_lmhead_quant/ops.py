@@ -1,0 +1,83 @@
+"""The two head GEMMs, dispatched by device. No vLLM import: usable from the trainer side and in unit tests.
+
+``fp32_logits``: bf16/fp16 operands, fp32 logits. On CUDA/ROCm one ``torch.mm(..., out_dtype=torch.float32)``
+(the bf16 x bf16 -> fp32 cuBLAS GEMM: no fp32 weight copy, same cost as the bf16 GEMM). Where that overload has
+no kernel (CPU, XPU, batch-invariant mode) the operands are upcast for the call, which is exact: a product of
+two bf16 values is representable in fp32. These are the same ops as vLLM's ``head_dtype=float32`` path
+(``LogitsProcessor._apply_head``), so results are bitwise equal to it.
+
+``fp8_logits``: weight-only FP8. e4m3 values convert exactly to bf16/fp16, so the activation stays in its
+dtype, products accumulate in fp32 and the per-row scale is applied to the fp32 result; one rounding at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Vocab rows dequantized per step on the generic FP8 path: bounds the transient to
+# FP8_CHUNK_ROWS x hidden x 2 bytes (32 MiB at hidden 4096) instead of a full bf16 copy of the head.
+FP8_CHUNK_ROWS = 4096
+
+
+def fp32_logits(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, use_out_dtype: bool | None = None
+) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` with fp32 output from bf16/fp16 operands.
+
+    ``use_out_dtype=None`` picks the fused path on CUDA/ROCm tensors; callers force it off in
+    batch-invariant mode.
+    """
+    if use_out_dtype is None:
+        use_out_dtype = x.is_cuda
+    if use_out_dtype and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = torch.mm(flat, weight.t(), out_dtype=torch.float32)
+        if bias is not None:
+            logits = logits + bias.to(torch.float32)
+        return logits.reshape(*x.shape[:-1], -1)
+    return F.linear(
+        x.to(torch.float32),
+        weight.to(torch.float32),
+        bias.to(torch.float32) if bias is not None else None,
+    )
+
+
+def fp8_logits(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``(x @ dequant(q, scale).T (+ bias))`` with weight-only FP8 numerics, output in ``out_dtype``.
+
+    CUDA with Triton: one fused kernel reads the FP8 weight once (the fast path). Elsewhere: vocab chunks are
+    converted to the activation dtype (exact) and multiplied with fp32 accumulation; never a full copy.
+    """
+    out_dtype = out_dtype or x.dtype
+    flat = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        from vllm_lmhead_quant.kernels import fp8_triton
+
+        if fp8_triton.is_supported(flat):
+            out = fp8_triton.fp8_weight_only_mm(flat, q, scale, torch.float32 if bias is not None else out_dtype)
+            if bias is not None:
+                out = (out + bias.to(torch.float32)).to(out_dtype)
+            return out.reshape(*x.shape[:-1], -1)
+    out = torch.empty(flat.shape[0], q.shape[0], dtype=out_dtype, device=x.device)
+    for start in range(0, q.shape[0], FP8_CHUNK_ROWS):
+        stop = min(start + FP8_CHUNK_ROWS, q.shape[0])
+        part = _mm_fp32(flat, q[start:stop].to(flat.dtype)) * scale[start:stop]
+        if bias is not None:
+            part = part + bias[start:stop].to(torch.float32)
+        out[:, start:stop] = part
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b.T`` accumulated and returned in fp32 (no fp32 copy of b on CUDA)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b.t(), out_dtype=torch.float32)
+    return F.linear(a.float(), b.float())

@@ -1,0 +1,47 @@
+"""Per-engine options of the head methods, read from vLLM's ``--additional-config``.
+
+Why ``additional_config``: it is vLLM's documented place for plugin settings, it reaches every engine
+process with the VllmConfig, and it is part of the config hash. Env vars were rejected upstream for this
+kind of switch (vLLM #23810) and ``--quantization-config`` cannot be combined with a custom method name.
+
+    vllm serve MODEL --quantization fp8_lm_head \
+        --additional-config '{"lm_head_quant": {"logits_dtype": "float32", "tied": "quantize"}}'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KEY = "lm_head_quant"
+_CHOICES = {
+    # fp8_lm_head only: dtype of the logits the head returns ("auto" = the model dtype, vLLM's default).
+    "logits_dtype": ("auto", "float32"),
+    # fp8_lm_head only: what to do when the head shares its table with the input embeddings.
+    # "keep": leave the shared table in bf16 (warns once). "quantize": store the shared table in FP8 once and
+    # dequantize embedding rows on lookup (input embeddings then carry FP8 rounding).
+    "tied": ("keep", "quantize"),
+}
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    logits_dtype: str = "auto"
+    tied: str = "keep"
+
+    @classmethod
+    def from_additional_config(cls, extra: dict) -> HeadOptions:
+        raw = extra.get(KEY, {})
+        if not isinstance(raw, dict):
+            raise ValueError(
+                f'--additional-config "{KEY}" must be a JSON object such as '
+                f'{{"{KEY}": {{"logits_dtype": "float32"}}}}, got {raw!r}'
+            )
+        unknown = sorted(set(raw) - set(_CHOICES))
+        if unknown:
+            raise ValueError(f'--additional-config "{KEY}": unknown key(s) {unknown}; allowed: {sorted(_CHOICES)}')
+        for key, value in raw.items():
+            if value not in _CHOICES[key]:
+                raise ValueError(
+                    f'--additional-config "{KEY}.{key}" must be one of {list(_CHOICES[key])}, got {value!r}'
+                )
+        return cls(**raw)

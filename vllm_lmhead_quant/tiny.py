@@ -1,0 +1,401 @@
+"""Tiny random-weight Hugging Face checkpoints and an offline tokenizer, for tests, demos and CI.
+
+Nothing can be downloaded from a model hub in CI, yet the plugin has to be exercised on a real vLLM engine
+across architectures whose LM heads differ (tied or untied, soft-capped, scaled logits, MoE backbones).
+So this module writes small checkpoints from scratch:
+
+* a byte-level BPE tokenizer trained in-process on a generated, seeded corpus (the same on every machine);
+* ``config.json`` + ``model.safetensors`` built through the real ``transformers`` model class, so the
+  tensor names are exactly what vLLM's loader expects;
+* weights drawn from ``normal(0, weight_std)`` so logits are peaked enough for the tests to tell a correct
+  LM head from a broken one (HF's default init gives nearly flat logits).
+
+``torch``, ``transformers`` and ``tokenizers`` are imported inside the functions that need them, so that
+importing this module (e.g. from a plugin entry point or a pytest collection) stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["ARCHS", "ArchSpec", "build_model", "build_tokenizer", "cached_model"]
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD)  # trained first, so their ids are 0, 1, 2
+MAX_POSITIONS = 512
+DTYPES = ("bfloat16", "float16", "float32")
+COMPLETE_MARKER = ".tiny-complete"  # written last: a directory without it is a crashed build
+
+# Bump when the checkpoint layout or the generated content changes, so cached_model() rebuilds.
+_FORMAT_VERSION = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """How to build one architecture, and what is known about running it on vLLM's CPU engine.
+
+    ``norm_weight`` is the stored RMSNorm weight that makes the norm an identity scale: Gemma computes
+    ``x * (1 + w)``, so there it is 0.0. ``config`` holds the architecture-specific config overrides.
+    """
+
+    hf_class: str
+    tied: bool
+    can_untie: bool = True
+    cpu_ok: bool = True
+    note: str = ""
+    norm_weight: float = 1.0
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "config", MappingProxyType(dict(self.config)))
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec("LlamaForCausalLM", tied=False),
+    "mistral": ArchSpec("MistralForCausalLM", tied=False, config={"sliding_window": None}),
+    "qwen2": ArchSpec("Qwen2ForCausalLM", tied=False, note="q/k/v projections have biases"),
+    "qwen3": ArchSpec("Qwen3ForCausalLM", tied=True, note="per-head q_norm/k_norm"),
+    "gemma": ArchSpec(
+        "GemmaForCausalLM",
+        tied=True,
+        norm_weight=0.0,
+        note="embeddings scaled by sqrt(hidden_size); RMSNorm is x * (1 + w); vLLM honours an untied head",
+    ),
+    "gemma2": ArchSpec(
+        "Gemma2ForCausalLM",
+        tied=True,
+        can_untie=False,
+        norm_weight=0.0,
+        note="vLLM always computes logits with model.embed_tokens (there is no lm_head module); "
+        "final_logit_softcapping=30",
+        config={
+            "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0,
+            "query_pre_attn_scalar": 32,
+            "sliding_window": 128,
+        },
+    ),
+    "phi3": ArchSpec("Phi3ForCausalLM", tied=False, note="fused qkv_proj and gate_up_proj in the checkpoint"),
+    "granite": ArchSpec(
+        "GraniteForCausalLM",
+        tied=True,
+        note="logits divided by logits_scaling=8; the final norm weight is set to 8 to compensate",
+        config={
+            "logits_scaling": 8.0,
+            "embedding_multiplier": 12.0,
+            "residual_multiplier": 0.22,
+            "attention_multiplier": 1 / 32,
+        },
+    ),
+    "qwen3_moe": ArchSpec(
+        "Qwen3MoeForCausalLM",
+        tied=False,
+        note="4 experts, top-2, moe_intermediate_size=64",
+        config={
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------------------
+
+_WORD_TEXT = """
+model token layer weight value index count name path data config state result buffer cache head scale batch
+input output user file line text item list key size shape block quant logits vocab hidden embed norm bias
+tensor device dtype step loss rate mask query attention expert router score the a of to and in is it that for
+on with as be this by from at or an are was not can will all runs fast small large first last next each other
+new old good same long short high low
+"""
+_WORDS = tuple(_WORD_TEXT.split())
+_SYLLABLES = tuple(c + v for c in "bdfgjklmnprstvz" for v in "aeiou")
+_TEMPLATES = (
+    "def {f}({a}, {b}):\n    {x} = {a}.{m}({b})\n    if {x} is None:\n        return {n}\n    return {x}\n",
+    (
+        'def {f}({a}):\n    """Return the {w1} {w2} of {a}."""\n    for {i} in range({n}):\n'
+        "        {a}[{i}] += {n2}\n    return {a}\n"
+    ),
+    (
+        "class {C}:\n    def __init__(self, {a}={n}):\n        self.{a} = {a}\n\n"
+        "    def {f}(self):\n        return self.{a} * {n2}\n"
+    ),
+    'def main():\n    {x} = {f}({n}, {s!r})\n    print({x})\n\n\nif __name__ == "__main__":\n    main()\n',
+    "# {S}\n{x} = [{a} for {a} in {b} if {a} > {n}]\n",
+    "{S} The {w1} {w2} is {n}. {S}\n",
+)
+
+
+def _word(rng: random.Random) -> str:
+    """A real word most of the time, else a pseudo-word, so BPE has plenty of merges to learn."""
+    if rng.random() < 0.6:
+        return rng.choice(_WORDS)
+    return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+
+
+def _ident(rng: random.Random) -> str:
+    return "_".join(_word(rng) for _ in range(rng.randint(1, 3)))
+
+
+def _sentence(rng: random.Random) -> str:
+    words = [_word(rng) for _ in range(rng.randint(4, 12))]
+    return " ".join(words).capitalize() + rng.choice(".!?")
+
+
+def _corpus(n_docs: int) -> Iterator[str]:
+    """A seeded synthetic mix of Python-like code and prose.
+
+    Generated rather than read from the stdlib, because stdlib sources differ between Python patch releases
+    and the tokenizer (hence token ids in tests) must be the same on every machine.
+    """
+    rng = random.Random(1234)
+    for _ in range(n_docs):
+        yield rng.choice(_TEMPLATES).format(
+            f=_ident(rng),
+            a=_word(rng),
+            b=_word(rng),
+            x=_ident(rng),
+            m=_word(rng),
+            i=rng.choice("ijk"),
+            n=rng.randint(0, 10 ** rng.randint(1, 6)),
+            n2=rng.randint(0, 999),
+            s=_sentence(rng),
+            C="".join(w.capitalize() for w in _ident(rng).split("_")),
+            w1=_word(rng),
+            w2=_word(rng),
+            S=_sentence(rng),
+        )
+
+
+@functools.cache
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    """Train the BPE once per process and vocab size; returns the ``tokenizer.json`` text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(max(4000, 2 * vocab_size)), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
+    return tok.to_str()
+
+
+def build_tokenizer(out_dir: str | Path, vocab_size: int = 2048) -> Path:
+    """Write a Hugging Face fast tokenizer (byte-level BPE, BOS added on encode) into ``out_dir``.
+
+    Byte-level BPE encodes any text losslessly, so ``decode(encode(s), skip_special_tokens=True) == s``.
+    The vocabulary holds at most ``vocab_size`` entries; ids 0, 1, 2 are ``<|bos|>``, ``<|eos|>``,
+    ``<|pad|>``.
+    """
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size must be >= {256 + len(SPECIAL_TOKENS)} for byte-level BPE")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size)),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        model_max_length=MAX_POSITIONS,
+    )
+    tok.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------------------
+
+
+def _spec(arch: str) -> ArchSpec:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+    return ARCHS[arch]
+
+
+def _resolve_tied(arch: str, tied: bool | None) -> bool:
+    """The architecture's natural default for ``None``; refuse an untied head vLLM would ignore."""
+    spec = _spec(arch)
+    if tied is None:
+        return spec.tied
+    if not tied and not spec.can_untie:
+        raise ValueError(f"arch {arch!r} cannot be untied in vLLM; allowed: tied=True or tied=None")
+    return bool(tied)
+
+
+def _make_config(spec: ArchSpec, *, tied: bool, vocab: int, hidden: int, layers: int):
+    """A tiny config: 4 heads, 2 KV heads, intermediate = 2 * hidden, 512 positions."""
+    import transformers
+
+    heads = 4
+    if hidden % heads:
+        raise ValueError(f"hidden_size must be a multiple of {heads}, got {hidden}")
+    config_cls = getattr(transformers, spec.hf_class.replace("ForCausalLM", "Config"))
+    return config_cls(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=hidden // heads,
+        max_position_embeddings=MAX_POSITIONS,
+        bos_token_id=SPECIAL_TOKENS.index(BOS),
+        eos_token_id=SPECIAL_TOKENS.index(EOS),
+        pad_token_id=SPECIAL_TOKENS.index(PAD),
+        tie_word_embeddings=tied,
+        architectures=[spec.hf_class],
+        **spec.config,
+    )
+
+
+def _init_weights(model, spec: ArchSpec, *, seed: int, weight_std: float, head_std: float) -> None:
+    """Deterministically overwrite every parameter.
+
+    Matrices (and expert tensors) get ``normal(0, std)``; norms become identity scales; biases zero. The
+    final norm is multiplied by ``logits_scaling`` (Granite), so that vLLM dividing the logits by it leaves
+    them as peaked as the other architectures' instead of nearly flat.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    gain = float(getattr(model.config, "logits_scaling", 1.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # a tied head shares embed_tokens and is listed once
+            if p.ndim >= 2:
+                p.normal_(0.0, head_std if name == "lm_head.weight" else weight_std, generator=gen)
+            elif "norm" in name:
+                identity = spec.norm_weight
+                p.fill_(identity + (gain - 1.0) if name == "model.norm.weight" else identity)
+            else:
+                p.zero_()
+
+
+def build_model(
+    arch: str,
+    out_dir: str | Path,
+    *,
+    tied: bool | None = None,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    vocab_size: int = 2048,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    weight_std: float = 0.08,
+    head_std: float | None = None,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer files into ``out_dir``.
+
+    ``tied=None`` uses the architecture's natural default (``ARCHS[arch].tied``). ``head_std`` sets the
+    untied LM head's init std (default ``weight_std``); a tied head is the embedding. Same arguments, same
+    bytes (for a given torch/transformers version). Architectures with the same parameter layout get the same
+    weights for the same seed (llama, mistral and qwen2, whose biases are zero, compute the same logits).
+    """
+    import torch
+    import transformers
+
+    spec = _spec(arch)
+    tied = _resolve_tied(arch, tied)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    config = _make_config(spec, tied=tied, vocab=vocab_size, hidden=hidden_size, layers=num_layers)
+    model = getattr(transformers, spec.hf_class)(config)
+    head_std = weight_std if head_std is None else head_std
+    _init_weights(model, spec, seed=seed, weight_std=weight_std, head_std=head_std)
+    model.to(getattr(torch, dtype))
+    model.config.dtype = dtype
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    build_tokenizer(out, vocab_size=vocab_size)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------------
+
+
+def _default_root() -> Path:
+    return Path.home() / ".cache" / "vllm_lmhead_quant" / "tiny"
+
+
+def _cache_key(arch: str, tied: bool, kw: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the files: all build arguments (defaults filled in) and the versions."""
+    bound = inspect.signature(build_model).bind(arch, "", tied=tied, **kw)
+    bound.apply_defaults()
+    args = {k: v for k, v in bound.arguments.items() if k != "out_dir"}
+    versions = {pkg: metadata.version(pkg) for pkg in ("torch", "transformers", "tokenizers")}
+    return {"format": _FORMAT_VERSION, "args": args, "versions": versions}
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def cached_model(arch: str, *, tied: bool | None = None, root: str | Path | None = None, **kw: Any) -> Path:
+    """``build_model`` once into ``root/<arch>-<tied|untied>-<hash>`` and reuse it afterwards.
+
+    ``root`` defaults to ``~/.cache/vllm_lmhead_quant/tiny``. The model is built in a temporary sibling
+    directory, the marker file is written last, and the directory is renamed into place, so a crashed build
+    is never reused and concurrent builders (e.g. pytest-xdist workers) do not see half-written files.
+    """
+    tied = _resolve_tied(arch, tied)
+    key = _cache_key(arch, tied, kw)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    base = Path(root) if root is not None else _default_root()
+    target = base / f"{arch}-{'tied' if tied else 'untied'}-{digest}"
+    if _is_complete(target):
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; the renamed cache entry should read like any other dir
+    try:
+        build_model(arch, tmp, tied=tied, **kw)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+        _move_into_place(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _move_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` to ``target``; keep a complete one another process made, replace a crashed one."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if _is_complete(target):
+            return
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(tmp, target)
