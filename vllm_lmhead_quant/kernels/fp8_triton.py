@@ -11,9 +11,12 @@ Layout: the kernel computes the transposed product ``y.T[n, m] = sum_k q[n, k] *
 vocab dimension fills the 64-row side of Hopper's wgmma, so a decode batch of 1..16 tokens pads only the
 narrow side (16), and the converted FP8 tile can be the register operand A, skipping a shared-memory trip.
 
-Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``);
-there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
-included, is a single launch with no host sync and no allocation other than the output.
+Decode-sized configs load both tiles with TMA (Hopper's bulk tensor copy engine: one instruction per tile,
+zero-filled edges), which took the M <= 16 stream from ~81% to ~87% of the copy bandwidth; elsewhere (Ada, odd
+strides) the same math runs with pointer loads. Configs come from a fixed table keyed on M (tuned on an H100,
+see ``benchmarks/bench_head_gemm.py --tune``); there is no autotuning, so the first call per config compiles
+and every later call, inside CUDA-graph capture included, is a single launch with no host sync and no
+allocation other than the output.
 
 Triton is imported under a guard: this module imports on CPU-only machines (CI), where :func:`is_supported`
 returns False.
@@ -52,32 +55,29 @@ class KernelConfig(NamedTuple):
     tma: bool = False  # load tiles with the Hopper bulk tensor copy engine (needs K % 16 == 0, SM 9.0)
 
 
-# Table entry selecting the large-M strategy instead of the Triton kernel: vocab chunks converted to the
-# activation dtype (exact) into one reused L2-sized buffer, cuBLAS GEMM with fp32 output, per-row scale and
-# the single rounding applied in the epilogue.
-CHUNKED = "dequant_chunked_cublas"
-
 # (max M, config), first match wins. Tuned on H100 80GB HBM3 (torch 2.11, triton 3.6) over
-# V x H in {151936x1024, 151936x4096, 131072x5120, 262144x2560} with
-# `benchmarks/bench_head_gemm.py --tune --apply`, which rewrites the block between the markers.
+# V x H in {151936x1024, 151936x4096, 131072x5120, 262144x2560} by
+# `benchmarks/bench_head_gemm.py --tune --apply`, which rewrites the block between the markers. Decode sizes
+# win with TMA loads; from M ~ 192 on every config is slower than cuBLAS bf16 (compute-bound, and the
+# in-register conversion serializes wgmma), see docs/bench/. A dequantize-chunks-then-cuBLAS path was measured
+# too and lost everywhere (torch's e4m3 -> bf16 copy alone runs at ~1 TB/s), so it is not shipped.
 # <tuned-table>
-_CONFIG_TABLE: tuple[tuple[int, KernelConfig | str], ...] = (
-    (16, KernelConfig(16, 64, 128, 4, 6)),
-    (32, KernelConfig(32, 128, 128, 8, 5)),
-    (64, KernelConfig(64, 128, 128, 4, 4)),
-    (128, KernelConfig(128, 128, 64, 8, 4, False)),
-    (1 << 62, KernelConfig(256, 128, 64, 8, 3)),
+_CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (
+    (16, KernelConfig(16, 64, 128, 4, 6, tma=True)),
+    (32, KernelConfig(32, 128, 128, 8, 5, tma=True)),
+    (64, KernelConfig(64, 128, 128, 4, 4, tma=True)),
+    (128, KernelConfig(128, 128, 64, 8, 4, tma=True)),
+    (1024, KernelConfig(256, 128, 64, 8, 3)),
+    (1 << 62, KernelConfig(256, 128, 64, 8, 4)),
 )
 # </tuned-table>
 # Below this many vocab tiles the GPU is under-filled (132 SMs on H100): halve block_n for small TP shards.
 _MIN_TILES = 264
 
 
-def pick_config(m: int, n: int, k: int) -> KernelConfig | str:
+def pick_config(m: int, n: int, k: int) -> KernelConfig:
     """The table's config for ``m`` tokens; ``block_n`` halved (to >= 32) while ``n`` gives too few tiles."""
     cfg = next(c for max_m, c in _CONFIG_TABLE if m <= max_m)
-    if cfg == CHUNKED:
-        return cfg
     block_n = cfg.block_n
     m_tiles = -(-m // cfg.block_m)
     while block_n > 32 and m_tiles * -(-n // block_n) < _MIN_TILES:
@@ -217,27 +217,6 @@ if HAS_TRITON:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _dequant_chunked_mm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor) -> None:
-    """``y = (x2 @ q.T) * scale`` through cuBLAS, chunk by chunk of vocab rows (exact weight-only numerics).
-
-    For large M the GEMM is compute-bound and cuBLAS's bf16 GEMM beats an in-register-converting Triton
-    kernel. Chunks are sized so the bf16 weight chunk and the fp32 partial product stay L2-resident
-    (about 32 MiB): converting costs one read of the FP8 bytes, not a bf16 weight round trip through DRAM.
-    """
-    m, k = x2.shape
-    n = q.shape[0]
-    rows = max(1024, min(n, (32 << 20) // (2 * k + 4 * m)) // 256 * 256)
-    rows = min(rows, n)
-    wbuf = torch.empty((rows, k), dtype=x2.dtype, device=x2.device)
-    acc = torch.empty((m, rows), dtype=torch.float32, device=x2.device)
-    for start in range(0, n, rows):
-        r = min(rows, n - start)
-        wbuf[:r].copy_(q[start : start + r])  # e4m3 -> bf16/fp16: exact
-        part = acc.view(-1)[: m * r].view(m, r)  # contiguous, also for the short last chunk
-        torch.mm(x2, wbuf[:r].t(), out_dtype=torch.float32, out=part)
-        torch.mul(part, scale[start : start + r], out=y[:, start : start + r])
-
-
 def _tma_ok(x2: torch.Tensor, q: torch.Tensor) -> bool:
     """TMA needs SM 9.0+, 16-byte aligned bases and row strides (else the pointer kernel runs)."""
     return (
@@ -255,14 +234,14 @@ def fp8_weight_only_mm(
     scale: torch.Tensor,
     out_dtype: torch.dtype | None = None,
     *,
-    config: KernelConfig | str | None = None,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """``y[m, n] = scale[n] * sum_k x[m, k] * float(q[n, k])`` with fp32 accumulation, shape ``[M, N]``.
 
     ``x``: ``[M, K]`` bf16/fp16 CUDA (leading dims are flattened, the result keeps them); ``q``: ``[N, K]``
     float8_e4m3fn; ``scale``: ``[N]`` fp32; ``out_dtype``: bf16/fp16/fp32, default ``x.dtype``. ``config``
-    overrides the tuned table (benchmarks and tests only). Graph-capturable once each config has compiled;
-    the Triton paths allocate only the output (the ``CHUNKED`` path also two L2-sized scratch buffers).
+    overrides the tuned table (benchmarks and tests only). Graph-capturable once each config has compiled:
+    the only allocation is the output.
     """
     if not HAS_TRITON:
         raise RuntimeError("fp8_weight_only_mm needs triton; check is_supported() first")
@@ -289,9 +268,6 @@ def fp8_weight_only_mm(
     if k == 0:
         return y.zero_().reshape(*lead, n)
     cfg = config or pick_config(m, n, k)
-    if cfg == CHUNKED:
-        _dequant_chunked_mm(x2, q, scale, y)
-        return y.reshape(*lead, n)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     if cfg.tma and _tma_ok(x2, q):
         from triton.tools.tensor_descriptor import TensorDescriptor

@@ -1,0 +1,212 @@
+"""vLLM end to end on a GPU host: both head methods against vLLM's own fp32 head, KV-cache tokens, decode speed.
+
+    python benchmarks/gpu_e2e.py --part eager  --out DIR   # accuracy (bitwise vs oracle), memory, KV tokens
+    python benchmarks/gpu_e2e.py --part graphs --out DIR   # CUDA graphs: runs, oracle check, decode throughput
+
+Random-weight checkpoints are built on the host (no download): a Qwen3-0.6B-shaped model (hidden 1024, vocab
+151936, head-dominated; tied like the real one, and an untied twin) and a hidden-4096 Llama-shaped one. Engines run
+in-process one after another; prompts are token ids (no tokenizer needed). Writes one JSON per part into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+import torch  # noqa: E402
+
+MODELS = {
+    "qwen3-0.6b-shape-tied": dict(arch="qwen3", hidden=1024, inter=3072, layers=4, heads=16, kv=8, tied=True),
+    "qwen3-0.6b-shape-untied": dict(arch="qwen3", hidden=1024, inter=3072, layers=4, heads=16, kv=8, tied=False),
+    "llama-h4096-untied": dict(arch="llama", hidden=4096, inter=11008, layers=2, heads=32, kv=8, tied=False),
+}
+VOCAB = 151936
+ORACLE = {"hf_overrides": {"head_dtype": "float32"}}
+FP32 = {"quantization": "bf16_last_layer_fp32"}
+FP8 = {"quantization": "fp8_lm_head"}
+FP8_F32 = {"quantization": "fp8_lm_head", "additional_config": {"lm_head_quant": {"logits_dtype": "float32"}}}
+FP8_TIED = {"quantization": "fp8_lm_head", "additional_config": {"lm_head_quant": {"tied": "quantize"}}}
+
+
+def build(name: str, root: str) -> str:
+    spec = MODELS[name]
+    path = os.path.join(root, name)
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    import transformers
+
+    cls_cfg = transformers.Qwen3Config if spec["arch"] == "qwen3" else transformers.LlamaConfig
+    cfg = cls_cfg(vocab_size=VOCAB, hidden_size=spec["hidden"], intermediate_size=spec["inter"],
+                  num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                  num_key_value_heads=spec["kv"], head_dim=128 if spec["arch"] == "qwen3" else None,
+                  tie_word_embeddings=spec["tied"], max_position_embeddings=4096, torch_dtype="bfloat16")  # fmt: skip
+    model_cls = transformers.Qwen3ForCausalLM if spec["arch"] == "qwen3" else transformers.LlamaForCausalLM
+    with torch.device("cuda"):
+        model = model_cls(cfg).to(torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.fill_(1.0)
+            else:  # embeddings/head 0.08: realistic logit spread; body 0.02
+                std = 0.08 if ("embed" in n or "lm_head" in n) else 0.02
+                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * std)
+    model.save_pretrained(path, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache()
+    return path
+
+
+def prompts(n: int, length: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_token_ids": torch.randint(3, VOCAB, (length,), generator=g).tolist()} for _ in range(n)]
+
+
+def inspect_head(model):
+    head = getattr(model, "lm_head", None)
+    embed = dict(model.named_modules()).get("model.embed_tokens")
+    return {
+        "method": type(head.quant_method).__name__,
+        "dtype": str(head.weight.dtype),
+        "param_bytes": sum(p.numel() * p.element_size() for p in head.parameters(recurse=False)),
+        "is_embed_module": head is embed,
+        "embed_dtype": str(embed.weight.dtype),
+    }
+
+
+def engine(path, eager: bool, **kw):
+    from vllm import LLM
+
+    comp = {} if eager else {"compilation_config": {"backend": "eager"}}
+    return LLM(model=path, skip_tokenizer_init=True, enforce_eager=eager, gpu_memory_utilization=0.35,
+               max_model_len=2048, seed=0, **comp, **kw)  # fmt: skip
+
+
+def close(llm):
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def accuracy_run(path, eager: bool, kw: dict) -> dict:
+    from vllm import SamplingParams
+
+    t0 = time.perf_counter()
+    llm = engine(path, eager, **kw)
+    start_s = time.perf_counter() - t0
+    ps = prompts(8, 128)
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=1, prompt_logprobs=1, detokenize=False)
+    outs = llm.generate(ps, params, use_tqdm=False)
+    prompt_lp, sample_lp, tokens = [], [], []
+    for p, o in zip(ps, outs):
+        ids = p["prompt_token_ids"]
+        prompt_lp += [step[t].logprob for t, step in zip(ids[1:], o.prompt_logprobs[1:])]
+        c = o.outputs[0]
+        tokens.append(list(c.token_ids))
+        sample_lp += [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
+    cc = llm.llm_engine.vllm_config.cache_config
+    res = {
+        "start_s": round(start_s, 1),
+        "prompt_lp": prompt_lp,
+        "sample_lp": sample_lp,
+        "tokens": tokens,
+        "kv_tokens": (cc.num_gpu_blocks or 0) * cc.block_size,
+        "head": llm.apply_model(inspect_head)[0],
+    }
+    close(llm)
+    return res
+
+
+def compare(run: dict, ref: dict) -> dict:
+    d = [a - b for a, b in zip(run["prompt_lp"], ref["prompt_lp"])]
+    same_prefix = [a == b for a, b in zip(run["tokens"], ref["tokens"])]
+    return {
+        "bitwise_prompt": run["prompt_lp"] == ref["prompt_lp"],
+        "bitwise_all": run["prompt_lp"] == ref["prompt_lp"] and run["sample_lp"] == ref["sample_lp"]
+        and run["tokens"] == ref["tokens"],
+        "rms": math.sqrt(sum(x * x for x in d) / len(d)),
+        "max": max(abs(x) for x in d),
+        "n": len(d),
+        "greedy_same": f"{sum(same_prefix)}/{len(same_prefix)}",
+    }
+
+
+def throughput(path, kw: dict, n_seqs=64, new_tokens=256) -> dict:
+    from vllm import SamplingParams
+
+    llm = engine(path, False, **kw)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    for batch in (1, n_seqs):
+        llm.generate(prompts(batch, 32, seed=7), params, use_tqdm=False)  # warm-up
+    out = {}
+    for batch in (1, n_seqs):
+        ps = prompts(batch, 32, seed=9)
+        times = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            llm.generate(ps, params, use_tqdm=False)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[f"batch{batch}_tok_per_s"] = round(batch * new_tokens / sorted(times)[1], 1)
+    cc = llm.llm_engine.vllm_config.cache_config
+    out["kv_tokens"] = (cc.num_gpu_blocks or 0) * cc.block_size
+    close(llm)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["eager", "graphs"], required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="/tmp/lmhq-models")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import vllm
+
+    import vllm_lmhead_quant
+
+    vllm_lmhead_quant.register()  # the entry point does this when the package is pip-installed
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "vllm": vllm.__version__,
+              "part": args.part, "models": {}}  # fmt: skip
+    if args.part == "eager":
+        common = {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8}
+        plan = {
+            "qwen3-0.6b-shape-tied": {**common, "fp8_tied_quantize": FP8_TIED},
+            "llama-h4096-untied": {**common, "fp8_fp32_logits": FP8_F32},
+        }
+        for name, variants in plan.items():
+            path = build(name, args.models)
+            runs = {v: accuracy_run(path, True, kw) for v, kw in variants.items()}
+            summary = {}
+            for v, r in runs.items():
+                summary[v] = {"vs_oracle": compare(r, runs["oracle"]), "kv_tokens": r["kv_tokens"],
+                              "head": r["head"], "start_s": r["start_s"]}  # fmt: skip
+                print(name, v, json.dumps(summary[v]), flush=True)
+            report["models"][name] = summary
+    else:
+        for name in ("qwen3-0.6b-shape-untied", "llama-h4096-untied"):
+            path = build(name, args.models)
+            entry = {}
+            oracle = accuracy_run(path, False, ORACLE)
+            for v, kw in {"fp32": FP32, "fp8": FP8}.items():
+                entry[f"{v}_graphs_vs_oracle_graphs"] = compare(accuracy_run(path, False, kw), oracle)
+                print(name, v, json.dumps(entry[f"{v}_graphs_vs_oracle_graphs"]), flush=True)
+            for v, kw in {"bf16": {}, "fp32": FP32, "fp8": FP8}.items():
+                entry[f"throughput_{v}"] = throughput(path, kw)
+                print(name, v, json.dumps(entry[f"throughput_{v}"]), flush=True)
+            report["models"][name] = entry
+    with open(os.path.join(args.out, f"gpu_e2e_{args.part}.json"), "w") as f:
+        json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
