@@ -15,6 +15,9 @@ import gc
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -86,7 +89,7 @@ def engine(path, eager: bool, **kw):
     from vllm import LLM
 
     comp = {} if eager else {"compilation_config": {"backend": "eager"}}
-    return LLM(model=path, skip_tokenizer_init=True, enforce_eager=eager, gpu_memory_utilization=0.35,
+    return LLM(model=path, skip_tokenizer_init=True, enforce_eager=eager, gpu_memory_utilization=0.5,
                max_model_len=2048, seed=0, **comp, **kw)  # fmt: skip
 
 
@@ -94,6 +97,25 @@ def close(llm):
     del llm
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def isolated(fn: str, path: str, eager: bool, kw: dict) -> dict:
+    """Run one engine in a fresh process: in-process engines do not give their GPU memory back on teardown,
+    which would shrink every later engine's KV cache."""
+    spec = json.dumps({"fn": fn, "path": path, "eager": eager, "kw": kw})
+    proc = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    for line in log.splitlines():
+        if "[vllm_lmhead_quant]" in line:
+            print("   ", line.split("[vllm_lmhead_quant]")[-1].strip(), flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{fn} {kw} failed:\n{log[-4000:]}")
+    res = json.loads(log.split("@@RESULT@@")[1])
+    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", log)
+    res["kv_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    m = re.search(r"Model loading took ([\d.]+) GiB", log)
+    res["model_load_gib"] = float(m.group(1)) if m else None
+    return res
 
 
 def accuracy_run(path, eager: bool, kw: dict) -> dict:
@@ -112,13 +134,11 @@ def accuracy_run(path, eager: bool, kw: dict) -> dict:
         c = o.outputs[0]
         tokens.append(list(c.token_ids))
         sample_lp += [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
-    cc = llm.llm_engine.vllm_config.cache_config
     res = {
         "start_s": round(start_s, 1),
         "prompt_lp": prompt_lp,
         "sample_lp": sample_lp,
         "tokens": tokens,
-        "kv_tokens": (cc.num_gpu_blocks or 0) * cc.block_size,
         "head": llm.apply_model(inspect_head)[0],
     }
     close(llm)
@@ -139,10 +159,10 @@ def compare(run: dict, ref: dict) -> dict:
     }
 
 
-def throughput(path, kw: dict, n_seqs=64, new_tokens=256) -> dict:
+def throughput(path, eager: bool, kw: dict, n_seqs=64, new_tokens=256) -> dict:
     from vllm import SamplingParams
 
-    llm = engine(path, False, **kw)
+    llm = engine(path, eager, **kw)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
     for batch in (1, n_seqs):
         llm.generate(prompts(batch, 32, seed=7), params, use_tqdm=False)  # warm-up
@@ -157,24 +177,28 @@ def throughput(path, kw: dict, n_seqs=64, new_tokens=256) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         out[f"batch{batch}_tok_per_s"] = round(batch * new_tokens / sorted(times)[1], 1)
-    cc = llm.llm_engine.vllm_config.cache_config
-    out["kv_tokens"] = (cc.num_gpu_blocks or 0) * cc.block_size
     close(llm)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["eager", "graphs"], required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--part", choices=["eager", "graphs"])
+    ap.add_argument("--out")
     ap.add_argument("--models", default="/tmp/lmhq-models")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one engine in this process
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
     import vllm
 
     import vllm_lmhead_quant
 
     vllm_lmhead_quant.register()  # the entry point does this when the package is pip-installed
+    if args.one:
+        spec = json.loads(args.one)
+        fn = {"accuracy": accuracy_run, "throughput": throughput}[spec["fn"]]
+        print("@@RESULT@@" + json.dumps(fn(spec["path"], spec["eager"], spec["kw"])) + "@@RESULT@@", flush=True)
+        return
+    os.makedirs(args.out, exist_ok=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "vllm": vllm.__version__,
               "part": args.part, "models": {}}  # fmt: skip
     if args.part == "eager":
@@ -185,23 +209,23 @@ def main() -> None:
         }
         for name, variants in plan.items():
             path = build(name, args.models)
-            runs = {v: accuracy_run(path, True, kw) for v, kw in variants.items()}
+            runs = {v: isolated("accuracy", path, True, kw) for v, kw in variants.items()}
             summary = {}
             for v, r in runs.items():
-                summary[v] = {"vs_oracle": compare(r, runs["oracle"]), "kv_tokens": r["kv_tokens"],
-                              "head": r["head"], "start_s": r["start_s"]}  # fmt: skip
+                keep = ("kv_tokens", "model_load_gib", "head", "start_s")
+                summary[v] = {"vs_oracle": compare(r, runs["oracle"]), **{k: r[k] for k in keep}}
                 print(name, v, json.dumps(summary[v]), flush=True)
             report["models"][name] = summary
     else:
         for name in ("qwen3-0.6b-shape-untied", "llama-h4096-untied"):
             path = build(name, args.models)
             entry = {}
-            oracle = accuracy_run(path, False, ORACLE)
+            oracle = isolated("accuracy", path, False, ORACLE)
             for v, kw in {"fp32": FP32, "fp8": FP8}.items():
-                entry[f"{v}_graphs_vs_oracle_graphs"] = compare(accuracy_run(path, False, kw), oracle)
+                entry[f"{v}_graphs_vs_oracle_graphs"] = compare(isolated("accuracy", path, False, kw), oracle)
                 print(name, v, json.dumps(entry[f"{v}_graphs_vs_oracle_graphs"]), flush=True)
             for v, kw in {"bf16": {}, "fp32": FP32, "fp8": FP8}.items():
-                entry[f"throughput_{v}"] = throughput(path, kw)
+                entry[f"throughput_{v}"] = isolated("throughput", path, False, kw)
                 print(name, v, json.dumps(entry[f"throughput_{v}"]), flush=True)
             report["models"][name] = entry
     with open(os.path.join(args.out, f"gpu_e2e_{args.part}.json"), "w") as f:
