@@ -24,6 +24,7 @@ returns False.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -85,6 +86,17 @@ def pick_config(m: int, n: int, k: int) -> KernelConfig:
     return cfg._replace(block_n=block_n)
 
 
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    """Cached: the head runs every decode step, and a driver query per call showed up in host launch time."""
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _device_capability(t: torch.Tensor) -> tuple[int, int]:
+    index = t.device.index
+    return _capability(torch.cuda.current_device() if index is None else index)
+
+
 def is_supported(x: torch.Tensor, q: torch.Tensor | None = None) -> bool:
     """True if the Triton kernel can run on ``x`` (and ``q`` if given): CUDA, Triton, SM >= 8.9, bf16/fp16 x.
 
@@ -96,7 +108,7 @@ def is_supported(x: torch.Tensor, q: torch.Tensor | None = None) -> bool:
         return False
     if q is not None and (q.dtype != FP8_DTYPE or q.device != x.device):
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return _device_capability(x) >= (8, 9)
 
 
 if HAS_TRITON:
@@ -220,7 +232,7 @@ if HAS_TRITON:
 def _tma_ok(x2: torch.Tensor, q: torch.Tensor) -> bool:
     """TMA needs SM 9.0+, 16-byte aligned bases and row strides (else the pointer kernel runs)."""
     return (
-        torch.cuda.get_device_capability(x2.device) >= (9, 0)
+        _device_capability(x2) >= (9, 0)
         and x2.data_ptr() % 16 == 0
         and q.data_ptr() % 16 == 0
         and (x2.stride(0) * x2.element_size()) % 16 == 0
