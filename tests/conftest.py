@@ -40,3 +40,19 @@ def tiny(tiny_root):
         return cached_model(arch, tied=tied, root=tiny_root, **kw)
 
     return build
+
+
+def pytest_addoption(parser):
+    parser.addoption("--matrix-md", default=None, help="write the model matrix results as markdown to this path")
+
+
+@pytest.fixture(scope="session")
+def matrix_results(request):
+    """Collects model-matrix cells; written as a markdown table at the end if --matrix-md is given."""
+    rows: list[dict] = []
+    yield rows
+    path = request.config.getoption("--matrix-md")
+    if path and rows:
+        from matrix_doc import write_matrix
+
+        write_matrix(rows, path)

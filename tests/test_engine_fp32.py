@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import cached_run, methods_except, run_llm
+from helpers import ORACLE, cached_run, methods_except, run_llm
 
 pytestmark = pytest.mark.engine
 
-ORACLE = (("hf_overrides", (("head_dtype", "float32"),)),)
+
 MODELS = [("llama", False), ("llama", True), ("qwen3", True), ("qwen2", False)]
 FP32 = "vllm_lmhead_quant.methods.fp32_head.FP32HeadMethod"
 UNQUANT_EMBED = "vllm.model_executor.layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod"
@@ -17,7 +17,7 @@ UNQUANT_EMBED = "vllm.model_executor.layers.vocab_parallel_embedding.Unquantized
 def test_bitwise_equal_to_head_dtype_oracle(tiny, arch, tied):
     path = tiny(arch, tied=tied)
     base = cached_run(path)
-    oracle = cached_run(path, **dict(ORACLE))
+    oracle = cached_run(path, **ORACLE)
     ours = run_llm(path, quantization="bf16_last_layer_fp32")
 
     # Prompt and sampled logprobs (top-5 each step) and tokens: bit for bit the oracle's.
@@ -55,7 +55,7 @@ def test_fp32_model_warns_and_runs(tiny, caplog):
 
 def test_combined_with_head_dtype_override(tiny, caplog):
     path = tiny("qwen3", tied=True)
-    oracle = cached_run(path, **dict(ORACLE))
+    oracle = cached_run(path, **ORACLE)
     with caplog.at_level("WARNING", logger="vllm.lmhead_quant"):
         both = run_llm(path, quantization="bf16_last_layer_fp32", hf_overrides={"head_dtype": "float32"})
     assert both.flat() == oracle.flat()

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import cached_run, logprob_errors, methods_except, run_llm
+from helpers import ORACLE, cached_run, logprob_errors, methods_except, run_llm
 
 pytestmark = pytest.mark.engine
 
-ORACLE = {"hf_overrides": (("head_dtype", "float32"),)}
+
 FP8 = "vllm_lmhead_quant.methods.fp8_head.FP8HeadMethod"
 TIED_BF16 = "vllm_lmhead_quant.methods.bf16_head.TiedBF16HeadMethod"
 QUANTIZE_TIED = {"additional_config": {"lm_head_quant": {"tied": "quantize"}}}

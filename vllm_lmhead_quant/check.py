@@ -1,0 +1,197 @@
+"""Does a model really use our head methods? A check for users' CI, and the engine of our model matrix.
+
+    python -m vllm_lmhead_quant.check MODEL_DIR [--method bf16_last_layer_fp32 --method fp8_lm_head] [-- vLLM kwargs]
+
+Loads MODEL_DIR with vLLM without the flag, with vLLM's own fp32 head (``hf_overrides={"head_dtype": "float32"}``,
+the oracle) and with each method, then checks inside the worker that the head got our method and every other module
+the class it gets without the flag; that ``bf16_last_layer_fp32`` logprobs are bitwise equal to the oracle (eager);
+and reports the FP8 head's logprob error against the oracle. Exit status 0 only if every check passes. Models
+whose head vLLM never hands to the quantization config fail with the architecture's name.
+
+Engines run eagerly, one after another, in this process (vLLM settings for this tool only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+PROMPTS = ["def main():\n    return", "import os\nimport sys\n", "class Cache:\n    def get(self, key"]
+# An explicit KV-cache size: engines start without the memory profile, on CPU (where vLLM needs it) and on GPUs,
+# where in-process engines that ran before have not returned all their memory.
+ENGINE_ARGS = dict(dtype="bfloat16", enforce_eager=True, max_model_len=256, kv_cache_memory_bytes=64 << 20, seed=0)
+ORACLE = {"hf_overrides": {"head_dtype": "float32"}}
+OURS = "vllm_lmhead_quant."
+# FP8 bounds (nats, vs the fp32 oracle) for a PASS: e4m3 weight rounding on peaked random heads reaches ~0.15 RMS
+# (docs/gpu-e2e.md); a broken quantizer is off by whole nats.
+FP8_RMS_BOUND, FP8_MAX_BOUND = 0.25, 1.5
+
+
+@dataclass
+class Run:
+    tokens: list  # generated token ids per prompt
+    sample: list  # per prompt, per step: {token_id: logprob}
+    prompt: list  # per prompt, per position (from 1): {token_id: logprob}
+    methods: dict  # module name -> quant method class (worker side)
+    head: dict  # facts about the head module (worker side)
+
+    def flat(self) -> list[float]:
+        """Every logprob of the prompt tokens and the sampled tokens, in a fixed order."""
+        out = []
+        for per_prompt in self.prompt + self.sample:
+            for step in per_prompt:
+                out.extend(v for _, v in sorted(step.items()))
+        return out
+
+
+def inspect_model(model) -> tuple[dict, dict]:
+    """Runs inside the worker (LLM.apply_model): method class per module, and the head's storage."""
+    import torch
+
+    methods, head = {}, {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, module in modules.items():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            methods[name] = type(method).__module__ + "." + type(method).__qualname__
+    lm_head = getattr(model, "lm_head", None)
+    embed = next((m for n, m in modules.items() if n.endswith("embed_tokens")), None)
+    if lm_head is None or not hasattr(lm_head, "weight"):
+        lm_head = embed  # models that compute logits from the input embedding (Gemma2)
+    if lm_head is not None:
+        w = lm_head.weight
+        scale = getattr(lm_head, "weight_scale", None)
+        head = {
+            "class": type(lm_head).__name__,
+            "method": type(lm_head.quant_method).__module__ + "." + type(lm_head.quant_method).__qualname__,
+            "dtype": str(w.dtype),
+            "shape": tuple(w.shape),
+            "param_bytes": sum(p.numel() * p.element_size() for p in lm_head.parameters(recurse=False)),
+            "scale_shape": tuple(scale.shape) if scale is not None else None,
+            "scale_dtype": str(scale.dtype) if scale is not None else None,
+            "is_embed_module": lm_head is embed,
+            "shares_embed_weight": embed is not None and getattr(embed, "weight", None) is w,
+            "embed_dtype": str(embed.weight.dtype) if embed is not None else None,
+            "cpu_linear": hasattr(lm_head, "cpu_linear"),
+        }
+        # What the sampler receives: logits for two hidden states through the model's own compute_logits.
+        act_dtype = next(p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight"))
+        hidden = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, act_dtype)
+        head["logits_dtype"] = str(model.compute_logits(hidden).dtype)
+    return methods, head
+
+
+def run_llm(path, prompts=PROMPTS, max_tokens=8, **kwargs) -> Run:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(path), **{**ENGINE_ARGS, **kwargs})
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=5, prompt_logprobs=5)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        methods, head = llm.apply_model(inspect_model)[0]
+    finally:
+        del llm
+        gc.collect()
+    tokens, sample, prompt = [], [], []
+    for o in outs:
+        c = o.outputs[0]
+        tokens.append(list(c.token_ids))
+        sample.append([{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
+        prompt.append([{t: lp.logprob for t, lp in step.items()} for step in o.prompt_logprobs[1:]])
+    return Run(tokens, sample, prompt, methods, head)
+
+
+def logprob_errors(run: Run, ref: Run) -> dict:
+    """RMS and max |Δ logprob| over the reference's top logprobs (prompt and sampled), and greedy agreement."""
+    deltas = []
+    for per_r, per_ref in zip(run.prompt + run.sample, ref.prompt + ref.sample):
+        for step_r, step_ref in zip(per_r, per_ref):
+            deltas.extend(step_r[tok] - lp for tok, lp in step_ref.items() if tok in step_r)
+    rms = math.sqrt(sum(d * d for d in deltas) / len(deltas))
+    agree = sum(a == b for a, b in zip(run.tokens, ref.tokens)) / len(ref.tokens)
+    return {"rms": rms, "max": max(abs(d) for d in deltas), "n": len(deltas), "greedy_agree": agree}
+
+
+def methods_except(run: Run, *names: str) -> dict:
+    return {k: v for k, v in run.methods.items() if k not in names}
+
+
+@dataclass
+class MethodResult:
+    method: str
+    ok: bool
+    head_method: str = ""
+    head_dtype: str = ""
+    head_bytes: int = 0
+    others_unchanged: bool = False
+    bitwise_oracle: bool | None = None
+    errors: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def check_model(path, methods=("bf16_last_layer_fp32", "fp8_lm_head"), runner=run_llm, **engine_kwargs) -> list:
+    """One MethodResult per method. ``runner`` lets tests share memoized baseline runs."""
+    base = runner(path, **engine_kwargs)
+    oracle = runner(path, **{**ORACLE, **engine_kwargs})
+    results = []
+    for method in methods:
+        try:
+            ours = runner(path, quantization=method, **engine_kwargs)
+        except Exception as exc:  # noqa: BLE001 - reported, and the check fails
+            results.append(MethodResult(method, ok=False, error=f"{type(exc).__name__}: {exc}"))
+            continue
+        head_names = [n for n, m in ours.methods.items() if m.startswith(OURS)]
+        res = MethodResult(
+            method,
+            ok=False,
+            head_method=ours.head.get("method", ""),
+            head_dtype=ours.head.get("dtype", ""),
+            head_bytes=ours.head.get("param_bytes", 0),
+            others_unchanged=methods_except(ours, *head_names) == methods_except(base, *head_names),
+            errors=logprob_errors(ours, oracle),
+        )
+        bound = res.head_method.startswith(OURS)
+        if method == "bf16_last_layer_fp32":
+            res.bitwise_oracle = ours.flat() == oracle.flat() and ours.tokens == oracle.tokens
+            res.ok = bound and res.others_unchanged and res.bitwise_oracle
+        else:
+            within = res.errors["rms"] < FP8_RMS_BOUND and res.errors["max"] < FP8_MAX_BOUND
+            res.ok = bound and res.others_unchanged and within
+        results.append(res)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Check that vllm_lmhead_quant's methods bind a model's LM head.")
+    parser.add_argument("model", help="model directory (or a name vLLM can load)")
+    parser.add_argument("--method", action="append", choices=["bf16_last_layer_fp32", "fp8_lm_head"])
+    parser.add_argument("--engine-args", default="{}", help='extra LLM(...) kwargs as JSON, e.g. {"dtype": "float16"}')
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    args = parser.parse_args(argv)
+    for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"}.items():
+        os.environ.setdefault(key, value)
+    import vllm_lmhead_quant
+
+    vllm_lmhead_quant.register()
+    results = check_model(args.model, tuple(args.method or ("bf16_last_layer_fp32", "fp8_lm_head")),
+                          **json.loads(args.engine_args))  # fmt: skip
+    if args.json:
+        print(json.dumps([asdict(r) for r in results], indent=1))
+    for r in results:
+        err = r.errors or {"rms": math.nan, "max": math.nan}
+        detail = r.error or (
+            f"head {r.head_method.rsplit('.', 1)[-1]} ({r.head_dtype}), other layers unchanged: {r.others_unchanged}, "
+            + (f"bitwise = head_dtype oracle: {r.bitwise_oracle}, " if r.bitwise_oracle is not None else "")
+            + f"logprob vs oracle RMS {err['rms']:.2e} max {err['max']:.2e}"
+        )
+        print(f"{'PASS' if r.ok else 'FAIL'} {r.method}: {detail}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
