@@ -39,3 +39,23 @@ def test_cell(tiny, matrix_results, arch, tied):
     assert fp32.bitwise_oracle is True
     expect = "torch.bfloat16" if tied else "torch.float8_e4m3fn"  # tied heads stay bf16 unless opted in
     assert fp8.head_dtype == expect
+
+
+def test_tensor_parallel_2(tiny, matrix_results, monkeypatch):
+    """TP=2 on the CPU engine (two worker processes, one core each): each rank computes its vocab shard with our
+    method and vLLM's gather is unchanged; fp32 stays bitwise equal to the oracle at the same TP size."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's auto binding needs one NUMA node per rank
+    path = tiny("llama", tied=False)
+    results = check_model(path, tensor_parallel_size=2)
+    matrix_results.append(
+        {"arch": "llama", "hf_class": ARCHS["llama"].hf_class, "tied": False, "tp": 2,
+         "results": [asdict(r) for r in results]}
+    )  # fmt: skip
+    fp32, fp8 = results
+    assert fp32.ok and fp32.bitwise_oracle, fp32
+    assert fp8.ok, fp8
+    # Per-rank head shard: half the (padded) vocab. FP8 bytes = V/2 * H + 4 * V/2.
+    assert fp8.head_dtype == "torch.float8_e4m3fn"
+    v_half, h = 2048 // 2, 128
+    assert fp8.head_bytes == v_half * h + 4 * v_half
+    assert fp32.head_bytes == 2 * v_half * h

@@ -51,12 +51,11 @@ class FP8HeadMethod(QuantizeMethodBase):
         if weight.dtype == FP8_DTYPE:  # already processed (a second call, e.g. a shared module)
             return
         q, scale = quantize_rows(weight.data, name=f"{self.architecture} '{self.prefix}'")
-        attrs = {k: v for k, v in vars(weight).items() if k in ("input_dim", "output_dim", "weight_loader")}
         before = weight.numel() * weight.element_size()
         layer.orig_dtype = weight.dtype
         new_weight = Parameter(q, requires_grad=False)
-        for key, value in attrs.items():
-            setattr(new_weight, key, value)
+        new_weight.input_dim, new_weight.output_dim = 1, 0
+        new_weight.weight_loader = _RequantizingLoader(layer, weight.weight_loader, self.prefix)
         layer.weight = new_weight  # replaces the registered Parameter; the bf16 one is now unreferenced
         layer.weight_scale = Parameter(scale, requires_grad=False)
         del weight
@@ -99,3 +98,25 @@ class FP8HeadMethod(QuantizeMethodBase):
             return layer
         embed_tokens.quant_method = self
         return embed_tokens
+
+
+class _RequantizingLoader:
+    """The FP8 weight's ``weight_loader``: RL weight updates (``model.load_weights`` with bf16 tensors, as RL
+    frameworks push them every step) land here. The new rows go through vLLM's own vocab-parallel loader into a
+    staging tensor in the original dtype (same sharding and padding as at load time), are quantized with fresh
+    per-row scales, and are copied *into* the existing FP8 weight and scale, so memory stays flat and anything that
+    captured those tensors (CUDA graphs) sees the new values. Without this, the loader would cast bf16 into the FP8
+    tensor with no scale: silently wrong logits after the first update (the stale/derived-weight bug class of
+    prime-rl #2438 and PipelineRL)."""
+
+    def __init__(self, layer: torch.nn.Module, loader, name: str):
+        self.layer, self.loader, self.name = layer, loader, name
+
+    def __call__(self, param: Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+        layer = self.layer
+        staging = Parameter(torch.empty(param.shape, dtype=layer.orig_dtype, device=param.device), requires_grad=False)
+        staging.input_dim, staging.output_dim = 1, 0
+        self.loader(staging, loaded_weight, *args, **kwargs)
+        q, scale = quantize_rows(staging.data, name=f"weight update of '{self.name}'")
+        param.data.copy_(q)
+        layer.weight_scale.data.copy_(scale)

@@ -1,0 +1,102 @@
+"""RL weight updates pushed into a running engine reach the head at once: the fp32 head reads the live weight, the
+FP8 head is re-quantized from the new weights in place. After the updates the engine's logprobs are bitwise equal
+to a fresh engine loaded with the final weights, and the head's storage neither moves nor grows."""
+
+from __future__ import annotations
+
+import functools
+import gc
+
+import pytest
+from helpers import ENGINE_ARGS, PROMPTS
+
+pytestmark = pytest.mark.engine
+QUANTIZE_TIED = {"additional_config": {"lm_head_quant": {"tied": "quantize"}}}
+CASES = {
+    "fp32-untied": ("bf16_last_layer_fp32", False, {}),
+    "fp8-untied": ("fp8_lm_head", False, {}),
+    "fp8-tied-quantize": ("fp8_lm_head", True, QUANTIZE_TIED),
+}
+
+
+HEAD_NAMES = ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def _load_checkpoint(path: str, model) -> None:
+    """What an RL framework does each step: stream new tensors into model.load_weights (worker side). Only the
+    head/embedding tensors: vLLM's CPU backend drops linear layers' weights after prepacking them, so it cannot
+    take body updates this way (a vLLM CPU limit; on GPUs the whole model reloads like this)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(f"{path}/model.safetensors")
+    model.load_weights(weights=((k, v) for k, v in tensors.items() if k in HEAD_NAMES))
+
+
+def _checkpoints(base, tmp_path, n: int) -> list:
+    """``base`` plus n variants that differ only in the head/embedding table (RL steps that move the head)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    paths = [base]
+    tensors = load_file(f"{base}/model.safetensors")
+    for step in range(1, n + 1):
+        new = dict(tensors)
+        g = torch.Generator().manual_seed(step)
+        for k in HEAD_NAMES:
+            if k in new:
+                new[k] = (torch.randn(new[k].shape, generator=g) * 0.1).to(new[k].dtype)
+        out = tmp_path / f"step{step}"
+        shutil.copytree(base, out, ignore=shutil.ignore_patterns("model.safetensors"))
+        save_file(new, str(out / "model.safetensors"), metadata={"format": "pt"})
+        paths.append(out)
+    return paths
+
+
+def _head_storage(model) -> tuple:
+    head = model.lm_head
+    return tuple((n, p.data_ptr(), p.numel() * p.element_size(), str(p.dtype)) for n, p in head.named_parameters())
+
+
+def _logprobs(llm):
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=5, prompt_logprobs=5)
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return [
+        ([{t: lp.logprob for t, lp in s.items()} for s in o.prompt_logprobs[1:]],
+         list(o.outputs[0].token_ids),
+         [{t: lp.logprob for t, lp in s.items()} for s in o.outputs[0].logprobs])
+        for o in outs
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("how", ["load_weights", "reload_weights"])
+def test_updates_reach_the_head(tiny, tmp_path, case, how):
+    from vllm import LLM
+
+    method, tied, extra = CASES[case]
+    ckpts = _checkpoints(tiny("llama", tied=tied), tmp_path, 3)
+    fresh = LLM(model=str(ckpts[-1]), quantization=method, **ENGINE_ARGS, **extra)
+    expected = _logprobs(fresh)
+    del fresh
+    gc.collect()
+
+    llm = LLM(model=str(ckpts[0]), quantization=method, **ENGINE_ARGS, **extra)
+    try:
+        storage = llm.apply_model(_head_storage)[0]
+        before = _logprobs(llm)
+        for path in ckpts[1:]:
+            if how == "load_weights":
+                llm.apply_model(functools.partial(_load_checkpoint, str(path)))
+            else:  # vLLM's own in-place reload (layer-wise, re-runs process_weights_after_loading)
+                llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        after = _logprobs(llm)
+        assert llm.apply_model(_head_storage)[0] == storage  # same tensors, same bytes: nothing grew or moved
+    finally:
+        del llm
+        gc.collect()
+    assert before != expected  # the updates changed something
+    assert after == expected  # ...and exactly what a fresh engine on the final weights computes
