@@ -90,8 +90,19 @@ class _HeadOnlyConfig(QuantizationConfig):
         return []  # nothing to read from the checkpoint: vLLM then builds us with cls()
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> _HeadOnlyConfig:
-        return cls()
+    def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
+        if not config:
+            return cls()
+        # The checkpoint has its own quantization_config: keep it for the body (checkpoint.py).
+        from vllm_lmhead_quant.checkpoint import over_checkpoint
+
+        return over_checkpoint(cls, config)
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
+        """Claim a quantized checkpoint only when the user asked for this method by name, so loading it without
+        our flag (or with another method) behaves exactly as before."""
+        return cls.name if user_quant == cls.name else None
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if isinstance(layer, ParallelLMHead):

@@ -399,3 +399,79 @@ def _move_into_place(tmp: Path, target: Path) -> None:
             return
         shutil.rmtree(target, ignore_errors=True)
         os.rename(tmp, target)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Quantized checkpoints (the body quantized the way llm-compressor / vLLM's fp8 format store it; the head not)
+# --------------------------------------------------------------------------------------------------------
+
+QUANTIZED_SCHEMES = ("ct-fp8-dynamic", "ct-int8-w8a8", "vllm-fp8")
+
+
+def _ct_config(kind: str, num_bits: int = 8, head: bool = False) -> dict[str, Any]:
+    act = {"num_bits": num_bits, "type": kind, "strategy": "token", "symmetric": True, "dynamic": True}
+    weights = {"num_bits": num_bits, "type": kind, "strategy": "channel", "symmetric": True, "dynamic": False}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized" if kind == "float" else "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear", "re:.*lm_head"] if head else ["Linear"],
+                "weights": weights,
+                "input_activations": act,
+            }
+        },
+        "ignore": [] if head else ["lm_head"],  # llm-compressor's usual recipe: the head stays bf16
+    }
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, quantize_head: bool = False) -> Path:
+    """Copy the checkpoint ``src`` to ``dst`` with every body linear weight (``*_proj.weight``) quantized.
+
+    ``ct-fp8-dynamic``: compressed-tensors FP8 e4m3, per-channel weight scales, dynamic per-token activations.
+    ``ct-int8-w8a8``: compressed-tensors INT8, per-channel weight scales, dynamic per-token activations.
+    ``vllm-fp8``: vLLM's own ``fp8`` format, per-tensor weight scale, dynamic activations.
+    The embedding and the LM head stay in the original dtype, as in real quantized releases, unless
+    ``quantize_head`` (compressed-tensors only: a checkpoint whose own head is quantized, for error tests).
+    """
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vllm_lmhead_quant.fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
+
+    if scheme not in QUANTIZED_SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(QUANTIZED_SCHEMES)}")
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", COMPLETE_MARKER))
+    tensors = load_file(str(src / "model.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for name, w in tensors.items():
+        in_scope = name.endswith("_proj.weight") or (quantize_head and name == "lm_head.weight")
+        if not (in_scope and w.dim() == 2):
+            out[name] = w
+            continue
+        scale_name = name.removesuffix("weight") + "weight_scale"
+        if scheme == "ct-fp8-dynamic":
+            q, scale = quantize_rows(w, name=name)
+            out[name], out[scale_name] = q, scale[:, None].to(w.dtype)
+        elif scheme == "ct-int8-w8a8":
+            scale = (w.float().abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            out[name] = (w.float() / scale).round().clamp(-127, 127).to(torch.int8)
+            out[scale_name] = scale.to(w.dtype)
+        else:  # vllm-fp8: one scale per tensor
+            scale = (w.float().abs().amax() / FP8_MAX).clamp_min(1e-12)
+            out[name] = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            out[scale_name] = scale.reshape(1)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = (
+        {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        if scheme == "vllm-fp8"
+        else _ct_config("float" if scheme == "ct-fp8-dynamic" else "int", head=quantize_head)
+    )
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    return dst

@@ -22,6 +22,9 @@ class FP32HeadMethod(UnquantizedEmbeddingMethod):
         super().__init__()
         self.prefix = prefix
         self.architecture = architecture
+        # Read once (the head runs every step): batch-invariant mode overrides aten::linear/mm but not mm.dtype, so
+        # there the exact upcast path is the batch-invariant one.
+        self._use_out_dtype = False if _compat.batch_invariant_enabled() else None
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         if layer.weight.dtype == torch.float32:
@@ -44,5 +47,4 @@ class FP32HeadMethod(UnquantizedEmbeddingMethod):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype == torch.float32 and layer.weight.dtype == torch.float32:
             return super().apply(layer, x, bias)
-        use_out_dtype = False if _compat.batch_invariant_enabled() else None
-        return ops.fp32_logits(x, layer.weight, bias, use_out_dtype=use_out_dtype)
+        return ops.fp32_logits(x, layer.weight, bias, use_out_dtype=self._use_out_dtype)

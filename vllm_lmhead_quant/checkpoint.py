@@ -1,0 +1,95 @@
+"""Quantized checkpoints: the body keeps exactly the checkpoint's own method, only the head changes.
+
+Without this, ``--quantization fp8_lm_head`` on an FP8 or compressed-tensors checkpoint fails in vLLM with "Quantization
+method specified in the model config (compressed-tensors) does not match ... (fp8_lm_head)", and vLLM's own
+``head_dtype`` override refuses quantized models' heads. vLLM's hook for this is
+``QuantizationConfig.override_quantization_method`` (answered in ``config.py`` only when the user asked for our
+method, so other checkpoints are never hijacked), after which vLLM calls our ``from_config`` with the checkpoint's
+``quantization_config``.
+
+``from_config`` returns an instance of a subclass of the checkpoint's own config class (``CompressedTensorsConfig``,
+``Fp8Config``) with one override: ``get_quant_method`` hands the head (and head-candidate embeddings) to our head
+config and everything else to the checkpoint's class. Every attribute and ``isinstance`` check that vLLM's code makes
+on the config therefore behaves as without our flag, and the classes pickle by reference.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
+
+from vllm_lmhead_quant._compat import AttentionLayerBase
+from vllm_lmhead_quant.config import FP8HeadConfig, FP32HeadConfig, _HeadOnlyConfig
+
+
+class CheckpointHeadQuantizedError(ValueError):
+    """The checkpoint already stores its LM head quantized; replacing that is not what the flag is for."""
+
+
+class _HeadOverCheckpoint:
+    """Mixin in front of a checkpoint's config class (see the module docstring)."""
+
+    head_config_cls: type[_HeadOnlyConfig]
+
+    @property
+    def _head(self) -> _HeadOnlyConfig:
+        head = self.__dict__.get("_head_config")
+        if head is None:
+            head = self.__dict__["_head_config"] = self.head_config_cls()
+        return head
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, VocabParallelEmbedding):
+            own = super().get_quant_method(layer, prefix)
+            if own is not None and not isinstance(own, (UnquantizedEmbeddingMethod, UnquantizedLinearMethod)):
+                raise CheckpointHeadQuantizedError(
+                    f"--quantization {self._head.name}: this checkpoint already stores '{prefix}' quantized "
+                    f"({type(own).__name__}); the flag only changes an unquantized head. Load it without "
+                    "--quantization to use the checkpoint's own head."
+                )
+            return self._head.get_quant_method(layer, prefix)
+        if isinstance(layer, AttentionLayerBase):
+            self._head._check_offered(layer)
+        return super().get_quant_method(layer, prefix)
+
+
+class FP32HeadOverCompressedTensors(_HeadOverCheckpoint, CompressedTensorsConfig):
+    head_config_cls = FP32HeadConfig
+
+
+class FP8HeadOverCompressedTensors(_HeadOverCheckpoint, CompressedTensorsConfig):
+    head_config_cls = FP8HeadConfig
+
+
+class FP32HeadOverFp8(_HeadOverCheckpoint, Fp8Config):
+    head_config_cls = FP32HeadConfig
+
+
+class FP8HeadOverFp8(_HeadOverCheckpoint, Fp8Config):
+    head_config_cls = FP8HeadConfig
+
+
+# checkpoint quant_method -> (ours over it for bf16_last_layer_fp32, for fp8_lm_head)
+SUPPORTED = {
+    "compressed-tensors": (FP32HeadOverCompressedTensors, FP8HeadOverCompressedTensors),
+    "fp8": (FP32HeadOverFp8, FP8HeadOverFp8),
+}
+
+
+def over_checkpoint(head_config_cls: type[_HeadOnlyConfig], config: dict) -> _HeadOverCheckpoint:
+    """Our head method on top of the checkpoint's own ``quantization_config``."""
+    name = str(config.get("quant_method", "")).lower()
+    if name not in SUPPORTED:
+        raise ValueError(
+            f"--quantization {head_config_cls.name}: the checkpoint is quantized with '{name or '?'}', which "
+            f"vllm_lmhead_quant cannot combine with its head methods. Supported checkpoint formats: "
+            f"{', '.join(sorted(SUPPORTED))}, and unquantized checkpoints."
+        )
+    fp32_cls, fp8_cls = SUPPORTED[name]
+    cls = fp32_cls if issubclass(head_config_cls, FP32HeadConfig) else fp8_cls
+    return cls.from_config(config)
+
