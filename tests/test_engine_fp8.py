@@ -12,7 +12,7 @@ FP8 = "vllm_lmhead_quant.methods.fp8_head.FP8HeadMethod"
 TIED_BF16 = "vllm_lmhead_quant.methods.bf16_head.TiedBF16HeadMethod"
 QUANTIZE_TIED = {"additional_config": {"lm_head_quant": {"tied": "quantize"}}}
 # Bounds on |Δ logprob| (nats) against the fp32-head oracle, over prompt and sampled top-5 logprobs. Measured on
-# these tiny models (docs/accuracy.md): FP8 weight rounding gives RMS ~0.06 nats (e4m3 keeps 3 mantissa bits); the
+# these tiny models (docs/model-matrix.md): FP8 weight rounding gives RMS ~0.06 nats (e4m3 keeps 3 mantissa bits); the
 # bf16 head alone ~3e-3. The exact FP8 maths is pinned against fp64 in test_ops.py.
 RMS_BOUND, MAX_BOUND = 0.12, 1.0
 
