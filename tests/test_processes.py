@@ -29,6 +29,18 @@ def test_multiprocess_engine_registers_in_the_worker(tiny, monkeypatch):
     assert ours.flat() == oracle.flat()
 
 
+def test_default_compile_mode(tiny, monkeypatch):
+    """vLLM's default mode (torch.compile of the body; compute_logits runs outside the compiled graph), in fresh
+    worker processes where dynamo is enabled: our head still binds and stays bitwise equal to the oracle."""
+    path = tiny("llama", tied=True)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    oracle = run_llm(path, enforce_eager=False, hf_overrides={"head_dtype": "float32"})
+    ours = run_llm(path, enforce_eager=False, quantization="bf16_last_layer_fp32")
+    assert ours.methods["lm_head"] == "vllm_lmhead_quant.methods.fp32_head.FP32HeadMethod"
+    assert ours.flat() == oracle.flat()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
