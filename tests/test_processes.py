@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from helpers import PROMPTS, run_llm
+from helpers import PROMPTS, logprob_errors, run_llm
 
 pytestmark = pytest.mark.engine
 
@@ -31,14 +31,18 @@ def test_multiprocess_engine_registers_in_the_worker(tiny, monkeypatch):
 
 def test_default_compile_mode(tiny, monkeypatch):
     """vLLM's default mode (torch.compile of the body; compute_logits runs outside the compiled graph), in fresh
-    worker processes where dynamo is enabled: our head still binds and stays bitwise equal to the oracle."""
+    worker processes where dynamo is enabled: our head binds and returns fp32 logits that agree with the oracle.
+    Not asserted bitwise here: two separately compiled CPU bodies differed by 1 ulp in one logprob in CI (the
+    body, not the head: eager runs are bitwise equal everywhere, and compiled runs were on the H100)."""
     path = tiny("llama", tied=True)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
     oracle = run_llm(path, enforce_eager=False, hf_overrides={"head_dtype": "float32"})
     ours = run_llm(path, enforce_eager=False, quantization="bf16_last_layer_fp32")
     assert ours.methods["lm_head"] == "vllm_lmhead_quant.methods.fp32_head.FP32HeadMethod"
-    assert ours.flat() == oracle.flat()
+    assert ours.head["logits_dtype"] == "torch.float32"
+    err = logprob_errors(ours, oracle)
+    assert err["max"] < 1e-4 and err["n"] > 100, err
 
 
 def _free_port() -> int:
