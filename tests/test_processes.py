@@ -21,9 +21,10 @@ def test_multiprocess_engine_registers_in_the_worker(tiny, monkeypatch):
     """Engine core and worker are separate spawned processes here; only the entry point can register us there."""
     path = tiny("llama", tied=False)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    # The oracle runs multi-process too: the worker's thread count changes the body's bf16 GEMMs.
-    oracle = run_llm(path, hf_overrides={"head_dtype": "float32"})
-    ours = run_llm(path, quantization="bf16_last_layer_fp32")
+    # The oracle runs multi-process too. max_num_seqs=1: a multi-process engine core batches requests as they
+    # arrive, so batch composition (and the body's GEMM blocking, in the last ulp) would vary from run to run.
+    oracle = run_llm(path, max_num_seqs=1, hf_overrides={"head_dtype": "float32"})
+    ours = run_llm(path, max_num_seqs=1, quantization="bf16_last_layer_fp32")
     assert ours.methods["lm_head"] == "vllm_lmhead_quant.methods.fp32_head.FP32HeadMethod"
     assert ours.head["logits_dtype"] == "torch.float32"
     assert ours.flat() == oracle.flat()
