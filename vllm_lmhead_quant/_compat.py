@@ -7,21 +7,12 @@ behaviour on the installed version).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 try:  # the common base of Attention, MLA and other attention-like layers
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase  # noqa: F401
 except ImportError:  # older layout
     from vllm.attention.layer import Attention as AttentionLayerBase  # type: ignore[no-redef]  # noqa: F401
-
-
-@functools.cache
-def vllm_version() -> tuple[int, int]:
-    import vllm
-
-    major, minor = vllm.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def current_vllm_config() -> Any | None:
