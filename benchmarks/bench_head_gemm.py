@@ -389,41 +389,29 @@ def plot(res: dict, out: Path) -> list[Path]:
 
 
 def tune_candidates(fp8_triton, m: int) -> list:
-    """Hand-picked candidates for one M (pruned by an earlier H100 sweep): swap-AB GEMV-like tiles for small
-    M, big tiles for large M, each with pointer loads and TMA loads."""
+    """Hand-picked candidates for one M (pruned by earlier H100 sweeps, docs/bench/tune.json): swap-AB GEMV-like
+    tiles for small M, big tiles for large M; pointer and TMA loads; and from M = 32 on each also with fp16 math
+    (bf16 activations pre-scaled per token into fp16: a one-instruction e4m3 convert). Triton's automatic warp
+    specialization (``tl.range(warp_specialize=True)``) was tried on the TMA configs with Triton 3.6 on an H100 and
+    hit illegal memory accesses, so it is not a candidate."""
     C = fp8_triton.KernelConfig
-
-    def both(specs):
-        return [C(*t) for t in specs] + [C(*t, tma=True) if len(t) == 6 else C(*t, True, True) for t in specs]
-
     if m <= 16:
-        return both(
-            [
-                (16, 64, 128, 4, 6),
-                (16, 128, 128, 8, 6),
-                (16, 64, 256, 4, 4),
-                (16, 64, 128, 4, 8),
-                (16, 128, 128, 4, 6),
-                (16, 256, 128, 8, 4),
-            ]
-        ) + [C(16, 32, 128, 4, 8), C(16, 64, 64, 4, 8)]
+        base = [C(16, 64, 128, 4, 6), C(16, 64, 128, 4, 6, tma=True), C(16, 128, 128, 8, 6, tma=True),
+                C(16, 64, 256, 4, 4, tma=True), C(16, 256, 128, 8, 4, tma=True)]  # fmt: skip
+        return base + [C(16, 64, 128, 4, 6, tma=True, fp16_math=True)]
     if m <= 32:
-        return both([(32, 128, 128, 8, 5), (32, 128, 128, 4, 4), (32, 64, 128, 4, 6), (32, 64, 256, 4, 4)])
-    if m <= 64:
-        return both([(64, 128, 128, 8, 5), (64, 128, 128, 4, 4), (64, 64, 128, 4, 6), (64, 128, 64, 4, 6)])
-    big = both(
-        [
-            (128, 128, 64, 8, 4, False),
-            (128, 128, 64, 8, 4, True),
-            (256, 128, 64, 8, 3, True),
-            (128, 256, 64, 8, 3, False),
-        ]
-    )
-    if m <= 128:
-        big += both([(64, 128, 128, 4, 4, True)])
-    if m > 512:
-        big += both([(256, 128, 64, 8, 4, True)])
-    return big
+        base = [C(32, 128, 128, 8, 5, tma=True), C(32, 64, 256, 4, 4, tma=True), C(32, 64, 128, 4, 6, tma=True)]
+    elif m <= 64:
+        base = [C(64, 128, 128, 4, 4, tma=True), C(64, 128, 64, 4, 6, tma=True), C(64, 256, 128, 8, 4, tma=True),
+                C(64, 128, 256, 4, 3, tma=True), C(64, 64, 128, 4, 6, tma=True)]  # fmt: skip
+    elif m <= 128:
+        base = [C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, False, True), C(128, 256, 64, 8, 3, tma=True),
+                C(128, 128, 128, 8, 3, tma=True)]  # fmt: skip
+    else:
+        base = [C(256, 128, 64, 8, 3), C(256, 128, 64, 8, 4), C(256, 128, 64, 8, 3, tma=True),
+                C(256, 128, 64, 8, 4, tma=True), C(128, 256, 64, 8, 3, tma=True), C(256, 128, 128, 8, 3, tma=True),
+                C(128, 128, 64, 8, 4, False, True)]  # fmt: skip
+    return base + [c._replace(fp16_math=True) for c in base]
 
 
 def _key(cfg) -> str:
@@ -496,7 +484,8 @@ def apply_table(fp8_triton, table) -> None:
     rows = []
     for max_m, cfg in table:
         bound = "1 << 62" if max_m >= 1 << 62 else str(max_m)
-        extra = ("" if cfg.swap_ab else ", swap_ab=False") + (", tma=True" if cfg.tma else "")
+        defaults = fp8_triton.KernelConfig._field_defaults
+        extra = "".join(f", {f}={getattr(cfg, f)}" for f in defaults if getattr(cfg, f) != defaults[f])
         rows.append(f"    ({bound}, KernelConfig({', '.join(map(str, tuple(cfg)[:5]))}{extra})),")
     block = "_CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (\n" + "\n".join(rows) + "\n)\n"
     path.write_text(head + "# <tuned-table>\n" + block + "# </tuned-table>\n" + tail)
@@ -536,7 +525,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--plot-from", type=Path, help="only make the markdown and plots from an earlier JSON")
     p.add_argument("--tune", action="store_true", help="time candidate kernel configs instead")
-    p.add_argument("--apply", action="store_true", help="with --tune: write the tuned table into the module")
+    p.add_argument("--apply", action="store_true", help="with --tune or --table-from: write the table into the module")
     p.add_argument("--table-from", type=Path, help="benchmark with the config table derived from a tune.json")
     p.add_argument(
         "--shapes",
@@ -582,6 +571,8 @@ def main(argv=None) -> int:
         table = table_from_tune(json.loads(args.table_from.read_text()), fp8_triton)
         print("using config table from", args.table_from, table)
         fp8_triton._CONFIG_TABLE = tuple(table)
+        if args.apply:  # write it into the module too (the package then uses it everywhere)
+            apply_table(fp8_triton, table)
 
     res = run_bench(args, torch, quantize_rows, fp8_triton)
     (args.out / "head_gemm.json").write_text(json.dumps(res, indent=1))

@@ -161,3 +161,56 @@ def test_cuda_graph_capture_and_replay(out_dtype):
             torch.cuda.synchronize()
             assert torch.equal(static_y, eager)
             _check(static_y, static_x, q, scale, out_dtype)
+
+
+_FP16_BASES = [
+    fp8_triton.KernelConfig(64, 128, 128, 4, 4, tma=True),
+    fp8_triton.KernelConfig(256, 128, 64, 8, 3),
+    fp8_triton.KernelConfig(128, 128, 64, 8, 4, swap_ab=False, tma=True),
+]
+
+
+@pytest.mark.parametrize("cfg", _FP16_BASES, ids=str)
+@pytest.mark.parametrize("k", [1000, 4096])
+def test_fp16_math_is_bitwise_the_bf16_math(cfg, k):
+    """The per-token power-of-two fp16 path gives the bf16 path's bits (rows of very different magnitudes)."""
+    q, scale = _weight(4096 + 13, k)
+    g = torch.Generator(device=DEV).manual_seed(k)
+    for m in (1, 64, 300):
+        x = torch.randn(m, k, device=DEV, generator=g) * torch.exp(torch.randn(m, 1, device=DEV, generator=g) * 4)
+        x = x.to(torch.bfloat16)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            ref = fp8_triton.fp8_weight_only_mm(x, q, scale, out_dtype, config=cfg)
+            y = _poisoned_call(x, q, scale, out_dtype, config=cfg._replace(fp16_math=True))
+            _check(y, x, q, scale, out_dtype)
+            assert torch.equal(y, ref), f"M={m} {out_dtype}: fp16 math differs from bf16 math"
+
+
+def test_a_tokens_logits_do_not_depend_on_the_batch():
+    """Every table config accumulates K in the same order, so a row's logits are the same at any batch size."""
+    q, scale = _weight(151936 // 4 + 3, 2048)
+    x = torch.randn(2048, 2048, device=DEV, dtype=torch.bfloat16)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        ref = fp8_triton.fp8_weight_only_mm(x[:8], q, scale, out_dtype)
+        for m in (1, 17, 33, 64, 100, 200, 700, 2048):
+            y = fp8_triton.fp8_weight_only_mm(x[:m], q, scale, out_dtype)
+            rows = min(m, 8)
+            assert torch.equal(y[:rows], ref[:rows]), f"M={m} ({fp8_triton.pick_config(m, q.shape[0], 2048)})"
+
+
+@pytest.mark.parametrize(
+    "cfg", list(dict.fromkeys([c for _, c in fp8_triton._CONFIG_TABLE] + _EXTRA_CONFIGS + _FP16_BASES)), ids=str
+)
+def test_fast_launch_equals_the_plain_launch(cfg, monkeypatch):
+    """Cached CompiledKernel launches give the plain Triton launch's bits, also for unaligned/odd arguments."""
+    if not fp8_triton.FAST_LAUNCH:
+        pytest.skip(f"fast launch is off on triton {fp8_triton.triton.__version__}")
+    q, scale = _weight(3000 + 5, 1040)
+    base = torch.randn(301, 1041, device=DEV, dtype=torch.bfloat16)
+    for x in (base[:, :1040], base[:, 1:], base[:7, :1040].contiguous(), base[:1, :1040]):
+        fast = [fp8_triton.fp8_weight_only_mm(x, q, scale, torch.float32, config=cfg) for _ in range(2)]
+        monkeypatch.setattr(fp8_triton, "FAST_LAUNCH", False)
+        plain = fp8_triton.fp8_weight_only_mm(x, q, scale, torch.float32, config=cfg)
+        monkeypatch.setattr(fp8_triton, "FAST_LAUNCH", True)
+        assert torch.equal(fast[0], plain) and torch.equal(fast[1], plain)
+        _check(plain, x, q, scale, torch.float32)

@@ -13,10 +13,17 @@ narrow side (16), and the converted FP8 tile can be the register operand A, skip
 
 Decode-sized configs load both tiles with TMA (Hopper's bulk tensor copy engine: one instruction per tile,
 zero-filled edges), which took the M <= 16 stream from ~81% to ~87% of the copy bandwidth; elsewhere (Ada, odd
-strides) the same math runs with pointer loads. Configs come from a fixed table keyed on M (tuned on an H100,
-see ``benchmarks/bench_head_gemm.py --tune``); there is no autotuning, so the first call per config compiles
-and every later call, inside CUDA-graph capture included, is a single launch with no host sync and no
-allocation other than the output.
+strides) the same math runs with pointer loads. From M = 33 on the table uses *fp16 math*: Hopper converts
+e4m3 to fp16 in one instruction but has no e4m3 -> bf16 convert (Triton emits three), and once the GEMM is
+compute-bound that conversion is the bottleneck. A small pre-pass scales each bf16 activation row by a power of
+two into fp16 (exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16
+path's (tested), at 0.57x instead of 0.67x of bf16 at M = 64 and 1.04-1.07x instead of 1.17-1.28x at M = 256.
+
+Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``);
+there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
+included, is one or two launches with no host sync and no allocation other than the output (and, with fp16
+math, the converted activations). Every config accumulates K in the same order, so a token's logits do not
+depend on the batch size it was computed in (tested).
 
 Triton is imported under a guard: this module imports on CPU-only machines (CI), where :func:`is_supported`
 returns False.
@@ -32,11 +39,13 @@ import torch
 try:  # Guarded: CPU CI has no triton; is_supported() reports it.
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
+    TensorDescriptor = None
     HAS_TRITON = False
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -54,36 +63,53 @@ class KernelConfig(NamedTuple):
     num_stages: int
     swap_ab: bool = True
     tma: bool = False  # load tiles with the Hopper bulk tensor copy engine (needs K % 16 == 0, SM 9.0)
+    fp16_math: bool = False  # bf16 activations pre-scaled per token by a power of two into fp16 (see below)
 
 
 # (max M, config), first match wins. Tuned on H100 80GB HBM3 (torch 2.11, triton 3.6) over
-# V x H in {151936x1024, 151936x4096, 131072x5120, 262144x2560} by
-# `benchmarks/bench_head_gemm.py --tune --apply`, which rewrites the block between the markers. Decode sizes
-# win with TMA loads; from M ~ 192 on every config is slower than cuBLAS bf16 (compute-bound, and the
-# in-register conversion serializes wgmma), see docs/bench/. A dequantize-chunks-then-cuBLAS path was measured
-# too and lost everywhere (torch's e4m3 -> bf16 copy alone runs at ~1 TB/s), so it is not shipped.
+# V x H in {151936x1024, 151936x4096, 262144x2560} by `benchmarks/bench_head_gemm.py --tune --apply`, which
+# rewrites the block between the markers (docs/bench/tune.json). Decode sizes win with TMA loads and bf16 math;
+# from M = 33 on fp16 math wins. From M ~ 256 on every config is still 2-18% slower than cuBLAS bf16 (compute-
+# bound; Triton's automatic warp specialization, which could overlap the conversion, faulted on Hopper in 3.6).
+# A dequantize-chunks-then-cuBLAS path was measured too and lost everywhere (torch's e4m3 -> bf16 copy alone
+# runs at ~1 TB/s), so it is not shipped.
 # <tuned-table>
 _CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (
     (16, KernelConfig(16, 64, 128, 4, 6, tma=True)),
     (32, KernelConfig(32, 128, 128, 8, 5, tma=True)),
-    (64, KernelConfig(64, 128, 128, 4, 4, tma=True)),
-    (128, KernelConfig(128, 128, 64, 8, 4, tma=True)),
-    (1024, KernelConfig(256, 128, 64, 8, 3)),
-    (1 << 62, KernelConfig(256, 128, 64, 8, 4)),
+    (64, KernelConfig(64, 128, 64, 4, 6, tma=True, fp16_math=True)),
+    (128, KernelConfig(128, 128, 64, 8, 4, swap_ab=False, tma=True, fp16_math=True)),
+    (1 << 62, KernelConfig(256, 128, 128, 8, 3, tma=True, fp16_math=True)),
 )
 # </tuned-table>
 # Below this many vocab tiles the GPU is under-filled (132 SMs on H100): halve block_n for small TP shards.
 _MIN_TILES = 264
+# fp16 math costs a second launch (~30 us of host time). Below this hidden size a GEMM of M <= 128 tokens takes
+# ~100 us on the GPU, so in eager decode the extra host time is not hidden: there the table's config runs with
+# bf16 math (measured on the H100: 151936 x 1024, M = 64, eager with L2 flush: 0.94x bf16 with fp16 math).
+_FP16_MIN_K = 2048
 
 
 def pick_config(m: int, n: int, k: int) -> KernelConfig:
     """The table's config for ``m`` tokens; ``block_n`` halved (to >= 32) while ``n`` gives too few tiles."""
-    cfg = next(c for max_m, c in _CONFIG_TABLE if m <= max_m)
-    block_n = cfg.block_n
-    m_tiles = -(-m // cfg.block_m)
-    while block_n > 32 and m_tiles * -(-n // block_n) < _MIN_TILES:
-        block_n //= 2
-    return cfg._replace(block_n=block_n)
+    global _PICKED_FOR
+    if _PICKED_FOR is not _CONFIG_TABLE or len(_PICKED) > 4096:  # memo per table (benchmarks swap it)
+        _PICKED.clear()
+        _PICKED_FOR = _CONFIG_TABLE
+    cfg = _PICKED.get((m, n, k))
+    if cfg is None:
+        cfg = next(c for max_m, c in _CONFIG_TABLE if m <= max_m)
+        block_n = cfg.block_n
+        m_tiles = -(-m // cfg.block_m)
+        while block_n > 32 and m_tiles * -(-n // block_n) < _MIN_TILES:
+            block_n //= 2
+        fp16_math = cfg.fp16_math and (k >= _FP16_MIN_K or m > 128)
+        cfg = _PICKED[(m, n, k)] = cfg._replace(block_n=block_n, fp16_math=fp16_math)
+    return cfg
+
+
+_PICKED: dict[tuple[int, int, int], KernelConfig] = {}  # memo: the head calls this every decode step
+_PICKED_FOR: tuple | None = None
 
 
 @functools.cache
@@ -119,6 +145,7 @@ if HAS_TRITON:
         x_ptr,
         q_ptr,
         s_ptr,
+        t_ptr,
         y_ptr,
         M,
         N,
@@ -131,6 +158,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         SWAP_AB: tl.constexpr,
         EVEN_K: tl.constexpr,
+        TOKEN_SCALE: tl.constexpr,
     ):
         # Token tiles vary fastest: the programs that share one weight tile run together, so at large M the
         # weight is read from DRAM once and the (small) activation stays L2-resident.
@@ -174,10 +202,14 @@ if HAS_TRITON:
         rm64 = rm.to(tl.int64)
         if SWAP_AB:
             acc = acc * s[:, None]
+            if TOKEN_SCALE:  # exact: a power of two, after the one rounding of acc * s
+                acc = acc * tl.load(t_ptr + rm_ld)[None, :]
             y_ptrs = y_ptr + rm64[None, :] * stride_ym + rn[:, None]
             mask = (rm[None, :] < M) & (rn[:, None] < N)
         else:
             acc = acc * s[None, :]
+            if TOKEN_SCALE:
+                acc = acc * tl.load(t_ptr + rm_ld)[:, None]
             y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :]
             mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
@@ -187,6 +219,7 @@ if HAS_TRITON:
         x_desc,
         q_desc,
         s_ptr,
+        t_ptr,
         y_ptr,
         M,
         N,
@@ -196,6 +229,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SWAP_AB: tl.constexpr,
+        TOKEN_SCALE: tl.constexpr,
     ):
         # Same math as _fp8_wo_kernel; tiles arrive by TMA (one instruction per tile, 128-byte swizzled, no
         # per-thread address math). Out-of-range rows and the K tail are zero-filled by the copy engine.
@@ -218,26 +252,82 @@ if HAS_TRITON:
         rn = off_n + tl.arange(0, BLOCK_N)
         s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
         rm64 = rm.to(tl.int64)
+        if TOKEN_SCALE:
+            t = tl.load(t_ptr + rm, mask=rm < M, other=0.0)
         if SWAP_AB:
             acc = acc * s[:, None]
+            if TOKEN_SCALE:
+                acc = acc * t[None, :]
             y_ptrs = y_ptr + rm64[None, :] * stride_ym + rn[:, None]
             mask = (rm[None, :] < M) & (rn[:, None] < N)
         else:
             acc = acc * s[None, :]
+            if TOKEN_SCALE:
+                acc = acc * t[:, None]
             y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :]
             mask = (rm[:, None] < M) & (rn[None, :] < N)
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _pow2_fp16_kernel(x_ptr, o_ptr, t_ptr, K, stride_xm, stride_om, BLOCK_K: tl.constexpr):
+        # One program per token row: o = fp16(x * 2^p), t = 2^-p, with p putting max|x| in [2^14, 2^15).
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(v.to(tl.float32)))
+        biased = (tl.max(amax, axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # max|x| in [2^(b-127), 2^(b-126))
+        e = tl.minimum(tl.maximum(268 - biased, 1), 253)  # biased exponent of 2^p, p = 141 - b, kept normal
+        up = (e << 23).to(tl.float32, bitcast=True)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0)
+            tl.store(o_ptr + row * stride_om + k0 + offs, (v.to(tl.float32) * up).to(tl.float16), mask=k0 + offs < K)
+        tl.store(t_ptr + row, ((254 - e) << 23).to(tl.float32, bitcast=True))
 
-def _tma_ok(x2: torch.Tensor, q: torch.Tensor) -> bool:
-    """TMA needs SM 9.0+, 16-byte aligned bases and row strides (else the pointer kernel runs)."""
-    return (
-        _device_capability(x2) >= (9, 0)
-        and x2.data_ptr() % 16 == 0
-        and q.data_ptr() % 16 == 0
-        and (x2.stride(0) * x2.element_size()) % 16 == 0
-        and q.stride(0) % 16 == 0
-    )
+
+def _to_fp16_pow2(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 ``[M, K]`` -> (fp16 ``x * 2^p``, fp32 ``2^-p``) with one power of two per token row.
+
+    Why: Hopper has a one-instruction e4m3 -> fp16 convert but none to bf16 (Triton goes through fp16, then two
+    scalar converts), and in the compute-bound regime (M >= ~64) that conversion is what keeps the kernel behind
+    cuBLAS. Scaling a row by a power of two and rounding to fp16 is exact for every element within 2^-31 of the
+    row's max (fp16 keeps bf16's 8-bit significand down to 2^-17), products with e4m3 stay exact in fp32, and
+    the fp32 sums are the bf16 path's sums times 2^p; the epilogue multiplies by 2^-p after the per-row scale.
+    So results equal the bf16 path's except for elements below 2^-31 of their row's max, whose lost low bits
+    are far below fp32 accumulation error (tests/test_fp8_kernel_cuda.py checks bitwise equality).
+    """
+    m, k = x2.shape
+    x16 = torch.empty((m, k), dtype=torch.float16, device=x2.device)
+    inv = torch.empty((m,), dtype=torch.float32, device=x2.device)
+    key = ("pow2_fp16", k, x2.stride(0), x2.data_ptr() % 16 == 0)
+    args = (x2, x16, inv, k, x2.stride(0), x16.stride(0))
+    _launch(_pow2_fp16_kernel, m, args, {"BLOCK_K": 1024}, key, 4, 3)
+    return x16, inv
+
+
+# Launches after the first per specialization skip Triton's Python binder (argument specialization, cache-key
+# hashing, global-value checks: ~20 us a call, paid every decode step because vLLM runs the head outside its
+# CUDA graphs). The key holds everything the binder specializes on (dtypes, exact ints, 16-byte alignment of every
+# pointer, the constexprs), so a cached binary only ever runs with arguments it was compiled for. Uses
+# ``CompiledKernel[grid](*args)``, whose calling convention (3-d grid, constexprs passed positionally) is the
+# one of Triton 3.6, where it was validated (tests/test_fp8_kernel_cuda.py); other versions launch the plain way.
+FAST_LAUNCH = HAS_TRITON and triton.__version__.startswith("3.6.")
+_COMPILED: dict = {}
+
+
+def _launch(kernel, grid0: int, args: tuple, consts: dict, key: tuple, num_warps: int, num_stages: int) -> None:
+    compiled = _COMPILED.get(key) if FAST_LAUNCH else None
+    if compiled is not None:
+        compiled[(grid0, 1, 1)](*args, *consts.values())
+        return
+    compiled = kernel[(grid0,)](*args, **consts, num_warps=num_warps, num_stages=num_stages)
+    if FAST_LAUNCH and hasattr(compiled, "function"):  # a real binary (not the interpreter)
+        _COMPILED[key] = compiled
+
+
+def _is_sm90(t: torch.Tensor) -> bool:
+    return _device_capability(t) >= (9, 0)
 
 
 def fp8_weight_only_mm(
@@ -263,10 +353,9 @@ def fp8_weight_only_mm(
     if q.dim() != 2 or x.shape[-1] != q.shape[1] or scale.numel() != q.shape[0]:
         shapes = f"x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}"
         raise ValueError(f"shape mismatch: {shapes}")
-    lead = x.shape[:-1]
     k = x.shape[-1]
     n = q.shape[0]
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     if x2.stride(-1) != 1 or (x2.stride(0) % 8 and x2.shape[0] > 1):  # unit K stride, 16-byte aligned rows
         x2 = x2.contiguous()
     if q.stride(-1) != 1:
@@ -275,49 +364,34 @@ def fp8_weight_only_mm(
         scale = scale.float().contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y.reshape(*lead, n)
-    if k == 0:
-        return y.zero_().reshape(*lead, n)
+    if m == 0 or n == 0 or k == 0:
+        return _like_x(y.zero_() if k == 0 else y, x)
     cfg = config or pick_config(m, n, k)
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    if cfg.tma and _tma_ok(x2, q):
-        from triton.tools.tensor_descriptor import TensorDescriptor
+    grid0 = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # (triton.cdiv costs ~3 us a call in Triton 3.6)
+    token_scale = cfg.fp16_math and x2.dtype == torch.bfloat16
+    tscale = scale  # placeholder pointer, never read without TOKEN_SCALE
+    if token_scale:
+        x2, tscale = _to_fp16_pow2(x2)
+    consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SWAP_AB": cfg.swap_ab}
+    sx, sq = x2.stride(0), q.stride(0)
+    aligned = tuple(t.data_ptr() % 16 == 0 for t in (x2, q, scale, tscale))
+    # TMA: SM 9.0+, 16-byte aligned bases and row strides (else the pointer kernel runs)
+    tma = cfg.tma and aligned[0] and aligned[1] and sx % 8 == 0 and sq % 16 == 0 and _is_sm90(x2)
+    if tma:
+        kernel = _fp8_wo_tma_kernel
+        x_desc = TensorDescriptor(x2, [m, k], [sx, 1], [cfg.block_m, cfg.block_k])
+        q_desc = TensorDescriptor(q, [n, k], [sq, 1], [cfg.block_n, cfg.block_k])
+        args = (x_desc, q_desc, scale, tscale, y, m, n, n, k)
+    else:
+        kernel = _fp8_wo_kernel
+        args = (x2, q, scale, tscale, y, m, n, k, sx, sq, n)
+        consts["EVEN_K"] = k % cfg.block_k == 0
+    consts["TOKEN_SCALE"] = token_scale
+    # y is fresh from the caching allocator (aligned, row stride n); the rest is what Triton specializes on.
+    key = (cfg, tma, token_scale, x2.dtype, out_dtype, n, k, sx, sq, aligned)
+    _launch(kernel, grid0, args, consts, key, cfg.num_warps, cfg.num_stages)
+    return _like_x(y, x)
 
-        _fp8_wo_tma_kernel[grid](
-            TensorDescriptor(x2, [m, k], [x2.stride(0), 1], [cfg.block_m, cfg.block_k]),
-            TensorDescriptor(q, [n, k], [q.stride(0), 1], [cfg.block_n, cfg.block_k]),
-            scale,
-            y,
-            m,
-            n,
-            y.stride(0),
-            k,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            SWAP_AB=cfg.swap_ab,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
-        return y.reshape(*lead, n)
-    _fp8_wo_kernel[grid](
-        x2,
-        q,
-        scale,
-        y,
-        m,
-        n,
-        k,
-        x2.stride(0),
-        q.stride(0),
-        y.stride(0),
-        BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
-        SWAP_AB=cfg.swap_ab,
-        EVEN_K=k % cfg.block_k == 0,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return y.reshape(*lead, n)
+
+def _like_x(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
