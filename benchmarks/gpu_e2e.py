@@ -1,7 +1,8 @@
 """vLLM end to end on a GPU host: both head methods against vLLM's own fp32 head, KV-cache tokens, decode speed.
 
     python benchmarks/gpu_e2e.py --part eager  --out DIR   # accuracy (bitwise vs oracle), memory, KV tokens
-    python benchmarks/gpu_e2e.py --part graphs --out DIR   # CUDA graphs: runs, oracle check, decode throughput
+    python benchmarks/gpu_e2e.py --part graphs --out DIR [--only MODEL,...]   # CUDA graphs: decode throughput of
+                                                    # bf16, vLLM's fp32 head (oracle), ours fp32 and FP8
 
 Random-weight checkpoints are built on the host (no download): a Qwen3-0.6B-shaped model (hidden 1024, vocab
 151936, head-dominated; tied like the real one, and an untied twin) and a hidden-4096 Llama-shaped one. Engines run
@@ -118,12 +119,10 @@ def isolated(fn: str, path: str, eager: bool, kw: dict) -> dict:
     return res
 
 
-def accuracy_run(path, eager: bool, kw: dict) -> dict:
+def greedy_logprobs(llm) -> dict:
+    """8 prompts x 128 random ids: the logprob of every actual prompt token, 16 greedy tokens and their logprobs."""
     from vllm import SamplingParams
 
-    t0 = time.perf_counter()
-    llm = engine(path, eager, **kw)
-    start_s = time.perf_counter() - t0
     ps = prompts(8, 128)
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=1, prompt_logprobs=1, detokenize=False)
     outs = llm.generate(ps, params, use_tqdm=False)
@@ -134,13 +133,14 @@ def accuracy_run(path, eager: bool, kw: dict) -> dict:
         c = o.outputs[0]
         tokens.append(list(c.token_ids))
         sample_lp += [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
-    res = {
-        "start_s": round(start_s, 1),
-        "prompt_lp": prompt_lp,
-        "sample_lp": sample_lp,
-        "tokens": tokens,
-        "head": llm.apply_model(inspect_head)[0],
-    }
+    return {"prompt_lp": prompt_lp, "sample_lp": sample_lp, "tokens": tokens}
+
+
+def accuracy_run(path, eager: bool, kw: dict) -> dict:
+    t0 = time.perf_counter()
+    llm = engine(path, eager, **kw)
+    start_s = time.perf_counter() - t0
+    res = {"start_s": round(start_s, 1), **greedy_logprobs(llm), "head": llm.apply_model(inspect_head)[0]}
     close(llm)
     return res
 

@@ -65,22 +65,11 @@ def head_facts(model) -> dict:
 
 
 def run_one(path: str, kw: dict) -> dict:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     llm = LLM(model=path, skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.5,
               max_model_len=2048, seed=0, **kw)  # fmt: skip
-    ps = gpu_e2e.prompts(8, 128)
-    params = SamplingParams(max_tokens=16, temperature=0, logprobs=1, prompt_logprobs=1, detokenize=False)
-    outs = llm.generate(ps, params, use_tqdm=False)
-    prompt_lp, sample_lp, tokens = [], [], []
-    for p, o in zip(ps, outs):
-        ids = p["prompt_token_ids"]
-        prompt_lp += [step[t].logprob for t, step in zip(ids[1:], o.prompt_logprobs[1:])]
-        c = o.outputs[0]
-        tokens.append(list(c.token_ids))
-        sample_lp += [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)]
-    ranks = llm.apply_model(head_facts)
-    return {"prompt_lp": prompt_lp, "sample_lp": sample_lp, "tokens": tokens, "ranks": ranks}
+    return {**gpu_e2e.greedy_logprobs(llm), "ranks": llm.apply_model(head_facts)}
 
 
 def isolated(path: str, kw: dict) -> dict:
