@@ -300,7 +300,7 @@ def _to_fp16_pow2(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x2.shape
     x16 = torch.empty((m, k), dtype=torch.float16, device=x2.device)
     inv = torch.empty((m,), dtype=torch.float32, device=x2.device)
-    key = ("pow2_fp16", k, x2.stride(0), x2.data_ptr() % 16 == 0)
+    key = ("pow2_fp16", x2.device.index, k, x2.stride(0), x2.data_ptr() % 16 == 0)
     args = (x2, x16, inv, k, x2.stride(0), x16.stride(0))
     _launch(_pow2_fp16_kernel, m, args, {"BLOCK_K": 1024}, key, 4, 3)
     return x16, inv
@@ -388,7 +388,8 @@ def fp8_weight_only_mm(
         consts["EVEN_K"] = k % cfg.block_k == 0
     consts["TOKEN_SCALE"] = token_scale
     # y is fresh from the caching allocator (aligned, row stride n); the rest is what Triton specializes on.
-    key = (cfg, tma, token_scale, x2.dtype, out_dtype, n, k, sx, sq, aligned)
+    # The device too: a binary is loaded per device (one process may drive several GPUs).
+    key = (x2.device.index, cfg, tma, token_scale, x2.dtype, out_dtype, n, k, sx, sq, aligned)
     _launch(kernel, grid0, args, consts, key, cfg.num_warps, cfg.num_stages)
     return _like_x(y, x)
 
