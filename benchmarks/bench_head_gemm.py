@@ -414,6 +414,26 @@ def tune_candidates(fp8_triton, m: int) -> list:
     return base + [c._replace(fp16_math=True) for c in base]
 
 
+def _no_conversion_call(torch, fp8_triton, cfg, x16, w16, scale):
+    """Our kernel with fp16 weights (its in-register convert is then a no-op): the Triton GEMM's own ceiling for
+    this config, to tell conversion cost from schedule cost. Diagnostic only (the result is not the head's)."""
+    m, k = x16.shape
+    n = w16.shape[0]
+    y = torch.empty((m, n), dtype=torch.bfloat16, device=x16.device)
+    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
+    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=cfg.swap_ab,
+                  TOKEN_SCALE=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+    if cfg.tma:
+        td = fp8_triton.TensorDescriptor
+        xd = td(x16, [m, k], [x16.stride(0), 1], [cfg.block_m, cfg.block_k])
+        wd = td(w16, [n, k], [w16.stride(0), 1], [cfg.block_n, cfg.block_k])
+        fp8_triton._fp8_wo_tma_kernel[grid](xd, wd, scale, scale, y, m, n, n, k, **common)
+    else:
+        fp8_triton._fp8_wo_kernel[grid](x16, w16, scale, scale, y, m, n, k, x16.stride(0), w16.stride(0), n,
+                                        EVEN_K=k % cfg.block_k == 0, **common)  # fmt: skip
+    return y
+
+
 def _key(cfg) -> str:
     return repr(tuple(cfg))
 
@@ -461,6 +481,18 @@ def run_tune(args, torch, quantize_rows, fp8_triton) -> dict:
                 f"({timed[best] / base:.2f})",
                 flush=True,
             )
+            if m >= 64 and best != "default":  # how much of the gap to cuBLAS is the e4m3 conversion?
+                w16, x16, best_cfg = w.half(), x.half(), _from_key(fp8_triton, best)
+                try:
+                    cell["ceiling_fp16_weights_us"] = timer(
+                        lambda c=best_cfg, a=x16, b=w16, s=scale: _no_conversion_call(torch, fp8_triton, c, a, b, s),
+                        budget_s=0.1,
+                        min_reps=5,
+                    )["median_us"]
+                    print(f"   same config, fp16 weights (no conversion): {cell['ceiling_fp16_weights_us'] / base:.2f}")
+                except Exception as e:  # noqa: BLE001 - a diagnostic; the tune goes on
+                    cell["ceiling_fp16_weights_us"] = f"{type(e).__name__}: {str(e)[:120]}"
+                del w16, x16
             out["cells"].append(cell)
             (args.out / "tune.json").write_text(json.dumps(out, indent=1))  # incremental: survives a timeout
             del x

@@ -17,7 +17,8 @@ strides) the same math runs with pointer loads. From M = 33 on the table uses *f
 e4m3 to fp16 in one instruction but has no e4m3 -> bf16 convert (Triton emits three), and once the GEMM is
 compute-bound that conversion is the bottleneck. A small pre-pass scales each bf16 activation row by a power of
 two into fp16 (exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16
-path's (tested), at 0.57x instead of 0.67x of bf16 at M = 64 and 1.04-1.07x instead of 1.17-1.28x at M = 256.
+path's (tested), at 0.56-0.59x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) and 1.02-1.10x instead
+of 1.16-1.28x at M = 256 (docs/bench/head_gemm.md).
 
 Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``);
 there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
