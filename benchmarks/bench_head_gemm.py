@@ -417,20 +417,8 @@ def tune_candidates(fp8_triton, m: int) -> list:
 def _no_conversion_call(torch, fp8_triton, cfg, x16, w16, scale):
     """Our kernel with fp16 weights (its in-register convert is then a no-op): the Triton GEMM's own ceiling for
     this config, to tell conversion cost from schedule cost. Diagnostic only (the result is not the head's)."""
-    m, k = x16.shape
-    n = w16.shape[0]
-    y = torch.empty((m, n), dtype=torch.bfloat16, device=x16.device)
-    grid = (-(-m // cfg.block_m) * -(-n // cfg.block_n),)
-    common = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=cfg.swap_ab,
-                  TOKEN_SCALE=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
-    if cfg.tma:
-        td = fp8_triton.TensorDescriptor
-        xd = td(x16, [m, k], [x16.stride(0), 1], [cfg.block_m, cfg.block_k])
-        wd = td(w16, [n, k], [w16.stride(0), 1], [cfg.block_n, cfg.block_k])
-        fp8_triton._fp8_wo_tma_kernel[grid](xd, wd, scale, scale, y, m, n, n, k, **common)
-    else:
-        fp8_triton._fp8_wo_kernel[grid](x16, w16, scale, scale, y, m, n, k, x16.stride(0), w16.stride(0), n,
-                                        EVEN_K=k % cfg.block_k == 0, **common)  # fmt: skip
+    y = torch.empty((x16.shape[0], w16.shape[0]), dtype=torch.bfloat16, device=x16.device)
+    fp8_triton._gemm(x16, w16, scale, y, cfg)
     return y
 
 

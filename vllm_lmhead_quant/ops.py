@@ -79,6 +79,6 @@ def fp8_logits(
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b.T`` accumulated and returned in fp32 (no fp32 copy of b on CUDA)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+    if a.is_cuda and a.dtype in _HALF:
         return torch.mm(a, b.t(), out_dtype=torch.float32)
     return F.linear(a.float(), b.float())
