@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--models", default="/tmp/lmhq-models")
     ap.add_argument("--only", help="graphs part: comma-separated model names (default: all)")
+    ap.add_argument("--heads", default="bf16,oracle,fp32,fp8", help="graphs part: heads, in this order")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one engine in this process
     args = ap.parse_args()
     import vllm
@@ -227,8 +228,9 @@ def main() -> None:
         for name in names:
             path = build(name, args.models)
             entry = report["models"].setdefault(name, {})
-            for v, kw in {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8}.items():
-                entry[f"throughput_{v}"] = isolated("throughput", path, False, kw)
+            heads = {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8}
+            for v in args.heads.split(","):  # a second order (e.g. fp8,bf16) tells drift from the head's cost
+                entry[f"throughput_{v}"] = isolated("throughput", path, False, heads[v])
                 print(name, v, json.dumps(entry[f"throughput_{v}"]), flush=True)
                 with open(out_json, "w") as f:
                     json.dump(report, f, indent=1)

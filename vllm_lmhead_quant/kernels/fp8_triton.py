@@ -13,12 +13,11 @@ narrow side (16), and the converted FP8 tile can be the register operand A, skip
 
 Decode-sized configs load both tiles with TMA (Hopper's bulk tensor copy engine: one instruction per tile,
 zero-filled edges), which took the M <= 16 stream from ~81% to ~87% of the copy bandwidth; elsewhere (Ada, odd
-strides) the same math runs with pointer loads. From M = 33 on the table uses *fp16 math*: Hopper converts
-e4m3 to fp16 in one instruction but has no e4m3 -> bf16 convert (Triton emits three), and once the GEMM is
-compute-bound that conversion is the bottleneck. A small pre-pass scales each bf16 activation row by a power of
-two into fp16 (exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16
-path's (tested), at 0.56-0.59x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) and 1.02-1.10x instead
-of 1.16-1.28x at M = 256 (docs/bench/head_gemm.md).
+strides) the same math runs with pointer loads. Most table rows use *fp16 math*: Hopper converts e4m3 to fp16
+in one instruction but has no e4m3 -> bf16 convert (Triton emits three), and once the GEMM is compute-bound that
+conversion is the bottleneck. A small pre-pass scales each bf16 activation row by a power of two into fp16
+(exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16 path's (tested),
+at 0.54-0.57x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) (docs/bench/head_gemm.md).
 
 Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``);
 there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
@@ -68,17 +67,22 @@ class KernelConfig(NamedTuple):
 
 
 # (max M, config), first match wins. Tuned on H100 80GB HBM3 (torch 2.11, triton 3.6) over
-# V x H in {151936x1024, 151936x4096, 262144x2560} by `benchmarks/bench_head_gemm.py --tune --apply`, which
-# rewrites the block between the markers (docs/bench/tune.json). Decode sizes win with TMA loads and bf16 math;
-# from M = 33 on fp16 math wins. From M ~ 256 on every config is still 2-24% slower than cuBLAS bf16 (compute-
-# bound; Triton's automatic warp specialization, which could overlap the conversion, faulted on Hopper in 3.6).
-# A dequantize-chunks-then-cuBLAS path was measured too and lost everywhere (torch's e4m3 -> bf16 copy alone
-# runs at ~1 TB/s), so it is not shipped.
+# V x H in {151936x1024, 151936x4096, 131072x5120, 262144x2560} by `benchmarks/bench_head_gemm.py --tune`
+# (docs/bench/tune.json; `--apply` rewrites the block between the markers). Picked by hand from that sweep: the
+# M <= 32 row is the 2026-11-23 sweep's (M = 32 was not re-swept), and M <= 64 takes the config that won on the
+# three hidden >= 2560 shapes (the geometric-mean rule picks a 256-wide vocab tile for hidden 1024's sake, where
+# pick_config drops fp16 math anyway). Decode sizes win with TMA loads; fp16 math wins wherever its pre-pass
+# launch is hidden (see _FP16_MIN_K): by 1-3% at M <= 16, 10-30% from M = 64 on. From M ~ 256 on the GEMM is
+# compute-bound and the kernel is behind cuBLAS bf16 (1.03-1.09x at M = 256, 1.16-1.32x at M = 2048).
+# Tried there and not shipped (docs/bench/head_gemm.md): a persistent schedule (one program per SM walking the
+# tiles) as a nested tile/K loop, 4-9% faster, but Triton 3.6 miscompiled it for 64-wide K tiles (garbage
+# logits); as one flat loop it was correct and slower. Also flattened loops, TMA stores, Triton's warp
+# specialization (faults on Hopper in 3.6) and dequantize-chunks-then-cuBLAS.
 # <tuned-table>
 _CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (
-    (16, KernelConfig(16, 64, 128, 4, 6, tma=True)),
+    (16, KernelConfig(16, 64, 128, 4, 6, tma=True, fp16_math=True)),
     (32, KernelConfig(32, 128, 128, 8, 5, tma=True)),
-    (64, KernelConfig(64, 128, 64, 4, 6, tma=True, fp16_math=True)),
+    (64, KernelConfig(64, 128, 128, 4, 4, tma=True, fp16_math=True)),
     (128, KernelConfig(128, 128, 64, 8, 4, swap_ab=False, tma=True, fp16_math=True)),
     (1 << 62, KernelConfig(256, 128, 128, 8, 3, tma=True, fp16_math=True)),
 )
