@@ -42,7 +42,10 @@ def test_untied_head_is_fp8_and_accurate(tiny, record_property):
     record_property("fp8_vs_oracle", err)
     record_property("bf16_vs_oracle", err_bf16)
     assert err["rms"] < RMS_BOUND and err["max"] < MAX_BOUND, err
-    assert err["rms"] > err_bf16["rms"]  # it is an approximation, and the test can see it
+    # FP8 is an approximation, and the test can see it: on the teacher-forced prompt positions (same contexts in
+    # every run) its error exceeds the bf16 head's. Not over sampled steps: a bf16 greedy path that leaves the
+    # oracle's scores other contexts (CI once saw bf16 0.051 against FP8 0.025 that way).
+    assert logprob_errors(ours, oracle, prompt_only=True)["rms"] > logprob_errors(base, oracle, prompt_only=True)["rms"]
     assert err["greedy_agree"] >= 2 / 3, err
 
 

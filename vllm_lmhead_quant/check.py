@@ -106,10 +106,14 @@ def run_llm(path, prompts=PROMPTS, max_tokens=8, **kwargs) -> Run:
     return Run(tokens, sample, prompt, methods, head)
 
 
-def logprob_errors(run: Run, ref: Run) -> dict:
-    """RMS and max |Δ logprob| over the reference's top logprobs (prompt and sampled), and greedy agreement."""
+def logprob_errors(run: Run, ref: Run, *, prompt_only: bool = False) -> dict:
+    """RMS and max |Δ logprob| over the reference's top logprobs (prompt and sampled), and greedy agreement.
+
+    ``prompt_only``: teacher-forced prompt positions only. Once two greedy runs diverge, their sampled steps score
+    different contexts, so the sampled part measures divergence rather than the head's arithmetic."""
     deltas = []
-    for per_r, per_ref in zip(run.prompt + run.sample, ref.prompt + ref.sample):
+    pairs = zip(run.prompt, ref.prompt) if prompt_only else zip(run.prompt + run.sample, ref.prompt + ref.sample)
+    for per_r, per_ref in pairs:
         for step_r, step_ref in zip(per_r, per_ref):
             deltas.extend(step_r[tok] - lp for tok, lp in step_ref.items() if tok in step_r)
     rms = math.sqrt(sum(d * d for d in deltas) / len(deltas))
