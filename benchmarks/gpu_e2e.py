@@ -100,10 +100,10 @@ def close(llm):
     torch.cuda.empty_cache()
 
 
-def isolated(fn: str, path: str, eager: bool, kw: dict) -> dict:
+def isolated(fn: str, path: str, eager: bool, kw: dict, **opts) -> dict:
     """Run one engine in a fresh process: in-process engines do not give their GPU memory back on teardown,
     which would shrink every later engine's KV cache."""
-    spec = json.dumps({"fn": fn, "path": path, "eager": eager, "kw": kw})
+    spec = json.dumps({"fn": fn, "path": path, "eager": eager, "kw": kw, "opts": opts})
     proc = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     for line in log.splitlines():
@@ -159,7 +159,7 @@ def compare(run: dict, ref: dict) -> dict:
     }
 
 
-def throughput(path, eager: bool, kw: dict, n_seqs=64, new_tokens=256, repeats=5) -> dict:
+def throughput(path, eager: bool, kw: dict, n_seqs=64, new_tokens=256, repeats=5, profile=False) -> dict:
     from vllm import SamplingParams
 
     llm = engine(path, eager, **kw)
@@ -178,8 +178,41 @@ def throughput(path, eager: bool, kw: dict, n_seqs=64, new_tokens=256, repeats=5
             times.append(time.perf_counter() - t0)
         out[f"batch{batch}_tok_per_s"] = round(batch * new_tokens / sorted(times)[len(times) // 2], 1)
         out[f"batch{batch}_all_tok_per_s"] = [round(batch * new_tokens / t, 1) for t in times]
+    if profile:
+        out["profile_batch64"] = profile_decode(llm, prompts(n_seqs, 32, seed=9), SamplingParams, new_tokens=32)
     close(llm)
     return out
+
+
+def profile_decode(llm, ps, SamplingParams, new_tokens: int) -> dict:
+    """One short decode under torch.profiler: wall time, GPU-busy time (sum of kernel self times) and the top
+    kernels and CPU ops. Tells a host-bound step from a GPU-bound one, and what a head adds to either."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            llm.generate(ps, params, use_tqdm=False)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        events = prof.key_averages()
+    except Exception as e:  # noqa: BLE001 - a diagnostic; the throughput numbers stand without it
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", ""))]
+    row = lambda e: {"name": e.key[:120], "count": e.count, "self_gpu_us": round(dev_us(e), 1),  # noqa: E731
+                     "self_cpu_us": round(e.self_cpu_time_total, 1)}  # fmt: skip
+    return {
+        "steps": new_tokens,
+        "wall_ms": round(wall * 1e3, 2),
+        "gpu_busy_ms": round(sum(dev_us(e) for e in kernels) / 1e3, 2),
+        "top_kernels": [row(e) for e in sorted(kernels, key=dev_us, reverse=True)[:15]],
+        "top_cpu_ops": [row(e) for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]],
+    }
 
 
 def main() -> None:
@@ -189,6 +222,7 @@ def main() -> None:
     ap.add_argument("--models", default="/tmp/lmhq-models")
     ap.add_argument("--only", help="graphs part: comma-separated model names (default: all)")
     ap.add_argument("--heads", default="bf16,oracle,fp32,fp8", help="graphs part: heads, in this order")
+    ap.add_argument("--profile", action="store_true", help="graphs part: also profile a short batch-64 decode")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one engine in this process
     args = ap.parse_args()
     import vllm
@@ -199,7 +233,8 @@ def main() -> None:
     if args.one:
         spec = json.loads(args.one)
         fn = {"accuracy": accuracy_run, "throughput": throughput}[spec["fn"]]
-        print("@@RESULT@@" + json.dumps(fn(spec["path"], spec["eager"], spec["kw"])) + "@@RESULT@@", flush=True)
+        res = fn(spec["path"], spec["eager"], spec["kw"], **spec.get("opts", {}))
+        print("@@RESULT@@" + json.dumps(res) + "@@RESULT@@", flush=True)
         return
     os.makedirs(args.out, exist_ok=True)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "vllm": vllm.__version__,
@@ -230,7 +265,7 @@ def main() -> None:
             entry = report["models"].setdefault(name, {})
             heads = {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8}
             for v in args.heads.split(","):  # a second order (e.g. fp8,bf16) tells drift from the head's cost
-                entry[f"throughput_{v}"] = isolated("throughput", path, False, heads[v])
+                entry[f"throughput_{v}"] = isolated("throughput", path, False, heads[v], profile=args.profile)
                 print(name, v, json.dumps(entry[f"throughput_{v}"]), flush=True)
                 with open(out_json, "w") as f:
                     json.dump(report, f, indent=1)
