@@ -3,6 +3,7 @@
     python benchmarks/gpu_e2e.py --part eager  --out DIR   # accuracy (bitwise vs oracle), memory, KV tokens
     python benchmarks/gpu_e2e.py --part graphs --out DIR [--only MODEL,...]   # CUDA graphs: decode throughput of
                                                     # bf16, vLLM's fp32 head (oracle), ours fp32 and FP8
+    python benchmarks/gpu_e2e.py --plot-from A.json[,B.json] --out DIR   # PNG of the throughput JSONs (no GPU)
 
 Random-weight checkpoints are built on the host (no download): a Qwen3-0.6B-shaped model (hidden 1024, vocab
 151936, head-dominated; tied like the real one, and an untied twin) and a hidden-4096 Llama-shaped one. Engines run
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
@@ -215,6 +217,39 @@ def profile_decode(llm, ps, SamplingParams, new_tokens: int) -> dict:
     }
 
 
+def plot_throughput(paths: list[str], out_png: str) -> None:
+    """Decode throughput per model and batch size: one bar per (run, head) at the median, every repeat as a dot.
+    Several JSON files (e.g. a run in the other head order) appear side by side, labelled by file name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(os.path.splitext(os.path.basename(p))[0], json.loads(Path(p).read_text())) for p in paths]
+    models = sorted({m for _, r in runs for m in r["models"]})
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.2 * len(models)), squeeze=False)
+    for row, model in enumerate(models):
+        for col, batch in enumerate((1, 64)):
+            ax, labels, x = axes[row][col], [], 0
+            for run_name, r in runs:
+                for key, res in r["models"].get(model, {}).items():
+                    if not key.startswith("throughput_") or f"batch{batch}_all_tok_per_s" not in res:
+                        continue
+                    all_ = res[f"batch{batch}_all_tok_per_s"]
+                    ax.bar(x, res[f"batch{batch}_tok_per_s"], color="C0" if "bf16" in key else "C1", alpha=0.6)
+                    ax.plot([x] * len(all_), all_, "k.", markersize=4)
+                    labels.append(f"{key.removeprefix('throughput_')}\n{run_name.removeprefix('gpu_e2e_graphs')}")
+                    x += 1
+            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_title(f"{model}, batch {batch}", fontsize=9)
+            ax.set_ylabel("tokens/s")
+    first = runs[0][1]
+    fig.suptitle(f"vLLM {first.get('vllm')} decode, CUDA graphs, {first.get('gpu')} (bar: median, dots: repeats)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    print("wrote", out_png)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["eager", "graphs"])
@@ -223,8 +258,13 @@ def main() -> None:
     ap.add_argument("--only", help="graphs part: comma-separated model names (default: all)")
     ap.add_argument("--heads", default="bf16,oracle,fp32,fp8", help="graphs part: heads, in this order")
     ap.add_argument("--profile", action="store_true", help="graphs part: also profile a short batch-64 decode")
+    ap.add_argument("--plot-from", help="comma-separated graphs-part JSONs: write --out/e2e_throughput.png only")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one engine in this process
     args = ap.parse_args()
+    if args.plot_from:
+        os.makedirs(args.out, exist_ok=True)
+        plot_throughput(args.plot_from.split(","), os.path.join(args.out, "e2e_throughput.png"))
+        return
     import vllm
 
     import vllm_lmhead_quant
