@@ -432,8 +432,7 @@ def tune_candidates(fp8_triton, m: int) -> list:
     else:  # compute-bound: fp16 math always won here (tune.json), so only the schedules vary
         base = [C(256, 128, 128, 8, 3, tma=True), C(256, 128, 64, 8, 4, tma=True), C(128, 256, 64, 8, 3, tma=True),
                 C(256, 128, 64, 8, 3, tma=True), C(128, 256, 128, 8, 3, tma=True)]  # fmt: skip
-        fp16 = [c._replace(fp16_math=True) for c in base]
-        return fp16
+        return [c._replace(fp16_math=True) for c in base]
     return base + [c._replace(fp16_math=True) for c in base]
 
 

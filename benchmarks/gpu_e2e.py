@@ -205,9 +205,11 @@ def profile_decode(llm, ps, SamplingParams, new_tokens: int) -> dict:
     def dev_us(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
 
+    def row(e):
+        return {"name": e.key[:120], "count": e.count, "self_gpu_us": round(dev_us(e), 1),
+                "self_cpu_us": round(e.self_cpu_time_total, 1)}  # fmt: skip
+
     kernels = [e for e in events if "CUDA" in str(getattr(e, "device_type", ""))]
-    row = lambda e: {"name": e.key[:120], "count": e.count, "self_gpu_us": round(dev_us(e), 1),  # noqa: E731
-                     "self_cpu_us": round(e.self_cpu_time_total, 1)}  # fmt: skip
     return {
         "steps": new_tokens,
         "wall_ms": round(wall * 1e3, 2),
