@@ -130,6 +130,28 @@ def summarize(us: list[float], mode: str) -> dict:
     }
 
 
+def interleaved(timer: Timer, fns: dict, names: list, rounds: int, budget_s: float) -> dict:
+    """``name -> summary`` (or ``{"error": ...}``) of ``fns[name]``, timed round robin in ``rounds`` passes, each
+    pass starting one variant later: clock and temperature drift during a cell (large-M GEMMs run the H100 at its
+    power limit) then hits every variant alike. Timed one after another, drift moved ratios by 5-10 %."""
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    out: dict[str, dict] = {name: {} for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            if "error" in out[name]:
+                continue
+            try:
+                us, mode = timer.samples(fns[name], min_reps=4, max_reps=80, budget_s=budget_s / rounds)
+                samples[name] += us
+                out[name]["mode"] = mode
+            except Exception as e:  # e.g. a torch build without row-wise _scaled_mm, a config out of resources
+                out[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    for name in names:
+        if "error" not in out[name]:
+            out[name].update(summarize(samples[name], out[name]["mode"]))
+    return out
+
+
 def host_launch_us(torch, fn, n: int = 200) -> float:
     """Host (Python + driver) time per eager call, GPU not waited for: what graphs save per call."""
     fn()
@@ -218,24 +240,9 @@ def run_bench(args, torch, quantize_rows, fp8_triton) -> dict:
         for m in args.ms:
             x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
             fns = make_variants(torch, fp8_triton, x, w, q, scale)
-            # Round robin over the variants, each round starting one later: clock and temperature drift during
-            # the cell (large-M GEMMs run the H100 at its power limit) then hits every variant alike.
-            samples: dict[str, list[float]] = {name: [] for name in args.variants}
-            rows = {name: {"V": v, "H": h, "M": m, "variant": name} for name in args.variants}
-            for r in range(args.rounds):
-                for name in args.variants[r % len(args.variants) :] + args.variants[: r % len(args.variants)]:
-                    if "error" in rows[name]:
-                        continue
-                    try:
-                        us, mode = timer.samples(fns[name], min_reps=4, max_reps=80, budget_s=args.budget / args.rounds)
-                        samples[name] += us
-                        rows[name]["mode"] = mode
-                    except Exception as e:  # e.g. a torch build without row-wise _scaled_mm
-                        rows[name]["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rows = interleaved(timer, fns, args.variants, args.rounds, args.budget)
             for name in args.variants:
-                row = rows[name]
-                if "error" not in row:
-                    row.update(summarize(samples[name], row["mode"]))
+                row = {"V": v, "H": h, "M": m, "variant": name, **rows[name]}
                 res["results"].append(row)
                 print(row, flush=True)
             if not res["host_launch_us"]:  # once, at the first shape and M
@@ -425,13 +432,17 @@ def tune_candidates(fp8_triton, m: int) -> list:
         base = [C(32, 128, 128, 8, 5, tma=True), C(32, 64, 256, 4, 4, tma=True), C(32, 64, 128, 4, 6, tma=True)]
     elif m <= 64:
         base = [C(64, 128, 128, 4, 4, tma=True), C(64, 128, 64, 4, 6, tma=True), C(64, 256, 128, 8, 4, tma=True),
-                C(64, 128, 256, 4, 3, tma=True), C(64, 64, 128, 4, 6, tma=True)]  # fmt: skip
+                C(64, 128, 256, 4, 3, tma=True), C(64, 64, 128, 4, 6, tma=True), C(64, 128, 128, 8, 4, tma=True),
+                C(64, 128, 128, 4, 6, tma=True)]  # fmt: skip
     elif m <= 128:
         base = [C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, False, True), C(128, 256, 64, 8, 3, tma=True),
                 C(128, 128, 128, 8, 3, tma=True)]  # fmt: skip
-    else:  # compute-bound: fp16 math always won here (tune.json), so only the schedules vary
+    else:  # compute-bound: fp16 math always won here (tune.json), so only the schedules vary. The 128 x 128
+        # tiles fit two programs per SM (one's epilogue overlaps the other's main loop; the big tiles fit one).
         base = [C(256, 128, 128, 8, 3, tma=True), C(256, 128, 64, 8, 4, tma=True), C(128, 256, 64, 8, 3, tma=True),
-                C(256, 128, 64, 8, 3, tma=True), C(128, 256, 128, 8, 3, tma=True)]  # fmt: skip
+                C(256, 128, 64, 8, 3, tma=True), C(128, 256, 128, 8, 3, tma=True), C(128, 128, 64, 4, 4, tma=True),
+                C(128, 128, 64, 8, 4, tma=True), C(128, 128, 128, 8, 3, tma=True), C(128, 128, 128, 4, 3, tma=True),
+                C(128, 128, 64, 8, 4, swap_ab=False, tma=True)]  # fmt: skip
         return [c._replace(fp16_math=True) for c in base]
     return base + [c._replace(fp16_math=True) for c in base]
 
@@ -453,59 +464,53 @@ def _from_key(fp8_triton, key: str):
 
 
 def run_tune(args, torch, quantize_rows, fp8_triton) -> dict:
-    """Time every candidate config per (shape, M) with bf16 activations and bf16 output; report the best."""
+    """Time every candidate config per (shape, M) with bf16 activations and bf16 output, interleaved with cuBLAS
+    bf16 (``--rounds`` passes, as in the benchmark), and report the best. The best config is then also timed with
+    fp32 output and, from M = 64 on, with fp16 weights (no conversion: the Triton schedule's own ceiling)."""
     import torch.nn.functional as F
 
     timer = Timer(torch)
-    out = {"env": env_info(torch), "cells": []}
+    out = {"env": env_info(torch), "rounds": args.rounds, "cells": []}
     for v, h in args.shapes:
         w, q, scale = make_weights(torch, quantize_rows, v, h)
         for m in args.tune_ms:
             x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-            base = timer(lambda x=x, w=w: F.linear(x, w), budget_s=0.1)["median_us"]
-            cell = {
-                "V": v,
-                "H": h,
-                "M": m,
-                "bf16_us": base,
-                "default": str(fp8_triton.pick_config(m, v, h)),
-                "configs": {},
-            }
+            fns = {"bf16": lambda x=x, w=w: F.linear(x, w)}
             for cfg in [None, *tune_candidates(fp8_triton, m)]:
-                try:
-                    t = timer(
-                        lambda c=cfg, x=x, q=q, s=scale: fp8_triton.fp8_weight_only_mm(
-                            x, q, s, torch.bfloat16, config=c
-                        ),
-                        budget_s=0.1,
-                        min_reps=5,
-                    )["median_us"]
-                except Exception as e:
-                    t = f"{type(e).__name__}: {str(e)[:120]}"
-                cell["configs"]["default" if cfg is None else _key(cfg)] = t
-            timed = {k: t for k, t in cell["configs"].items() if isinstance(t, float)}
-            best = min(timed, key=timed.get)
+                name = "default" if cfg is None else _key(cfg)
+                fns[name] = lambda c=cfg, x=x, q=q, s=scale: fp8_triton.fp8_weight_only_mm(
+                    x, q, s, torch.bfloat16, config=c
+                )
+            timed = interleaved(timer, fns, list(fns), args.rounds, args.budget)
+            base = timed.pop("bf16")["median_us"]
+            configs = {k: r.get("median_us", r.get("error")) for k, r in timed.items()}
+            cell = {"V": v, "H": h, "M": m, "bf16_us": base, "default": str(fp8_triton.pick_config(m, v, h)),
+                    "configs": configs}  # fmt: skip
+            ok = {k: t for k, t in configs.items() if isinstance(t, float)}
+            best = min(ok, key=ok.get)
             print(
-                f"V={v} H={h} M={m}: bf16 {base:.0f}us default {timed.get('default', math.nan):.0f}us "
-                f"({timed.get('default', math.nan) / base:.2f}) best {best} {timed[best]:.0f}us "
-                f"({timed[best] / base:.2f})",
+                f"V={v} H={h} M={m}: bf16 {base:.0f}us default {ok.get('default', math.nan):.0f}us "
+                f"({ok.get('default', math.nan) / base:.2f}) best {best} {ok[best]:.0f}us ({ok[best] / base:.2f})",
                 flush=True,
             )
-            if m >= 64 and best != "default":  # how much of the gap to cuBLAS is the e4m3 conversion?
-                w16, x16, best_cfg = w.half(), x.half(), _from_key(fp8_triton, best)
-                try:
-                    cell["ceiling_fp16_weights_us"] = timer(
-                        lambda c=best_cfg, a=x16, b=w16, s=scale: _no_conversion_call(torch, fp8_triton, c, a, b, s),
-                        budget_s=0.1,
-                        min_reps=5,
-                    )["median_us"]
-                    print(f"   same config, fp16 weights (no conversion): {cell['ceiling_fp16_weights_us'] / base:.2f}")
-                except Exception as e:  # noqa: BLE001 - a diagnostic; the tune goes on
-                    cell["ceiling_fp16_weights_us"] = f"{type(e).__name__}: {str(e)[:120]}"
-                del w16, x16
+            best_cfg = None if best == "default" else _from_key(fp8_triton, best)
+            extra = {"best": fns[best], "best_fp32_out": lambda c=best_cfg, x=x, q=q, s=scale: (
+                fp8_triton.fp8_weight_only_mm(x, q, s, torch.float32, config=c))}  # fmt: skip
+            if m >= 64:  # how much of the gap to cuBLAS is the e4m3 conversion?
+                w16, x16 = w.half(), x.half()
+                cfg16 = best_cfg or fp8_triton.pick_config(m, v, h)
+                extra["ceiling_fp16_weights"] = lambda c=cfg16, a=x16, b=w16, s=scale: _no_conversion_call(
+                    torch, fp8_triton, c, a, b, s
+                )
+            extra_t = interleaved(timer, extra, list(extra), args.rounds, args.budget / 2)
+            for name in ("best_fp32_out", "ceiling_fp16_weights"):
+                if name in extra_t:
+                    r = extra_t[name]
+                    cell[f"{name}_vs_best"] = r["median_us"] / extra_t["best"]["median_us"] if "median_us" in r else r
+                    print(f"   {name}: {cell[f'{name}_vs_best']} x best", flush=True)
             out["cells"].append(cell)
             (args.out / "tune.json").write_text(json.dumps(out, indent=1))  # incremental: survives a timeout
-            del x
+            del x, fns, extra
         del w, q, scale
         torch.cuda.empty_cache()
     table = table_from_tune(out, fp8_triton)
