@@ -118,9 +118,9 @@ def variants(v: int, h: int, m: int = 1) -> dict:
         "fp8_weight_only_mm (pointer config)": lambda: ft.fp8_weight_only_mm(x, q, s, torch.bfloat16,
                                                                             config=ptr_cfg),  # fmt: skip
         "fp8_weight_only_mm M=64 fp16 math": lambda: ft.fp8_weight_only_mm(
-            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 4, 4, tma=True, fp16_math=True)),
+            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 8, 4, tma=True, fp16_math=True)),
         "fp8_weight_only_mm M=64 bf16 math": lambda: ft.fp8_weight_only_mm(
-            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 4, 4, tma=True)),
+            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 8, 4, tma=True)),
         "ops.fp8_logits, plain launch": slow(lambda: ops.fp8_logits(x, q, s)),
         "ops.fp8_logits": lambda: ops.fp8_logits(x, q, s),
     }

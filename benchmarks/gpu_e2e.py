@@ -63,7 +63,9 @@ def build(name: str, root: str) -> str:
                   tie_word_embeddings=spec["tied"], max_position_embeddings=4096, torch_dtype="bfloat16")  # fmt: skip
     model_cls = transformers.Qwen3ForCausalLM if spec["arch"] == "qwen3" else transformers.LlamaForCausalLM
     if spec.get("dummy"):  # vLLM initializes the weights itself (load_format="dummy")
+        cfg.architectures = [model_cls.__name__]  # else vLLM resolves a pooling model
         cfg.save_pretrained(path)
+        transformers.GenerationConfig.from_model_config(cfg).save_pretrained(path)  # as save_pretrained writes
         return path
     with torch.device("cuda"):
         model = model_cls(cfg).to(torch.bfloat16)

@@ -164,7 +164,7 @@ def test_cuda_graph_capture_and_replay(out_dtype):
 
 
 _FP16_BASES = [
-    fp8_triton.KernelConfig(64, 128, 128, 4, 4, tma=True),
+    fp8_triton.KernelConfig(64, 128, 128, 8, 4, tma=True),
     fp8_triton.KernelConfig(256, 128, 64, 8, 3),
     fp8_triton.KernelConfig(128, 128, 64, 8, 4, swap_ab=False, tma=True),
 ]

@@ -69,11 +69,11 @@ class KernelConfig(NamedTuple):
 # (max M, config), first match wins. Tuned on H100 80GB HBM3 (torch 2.11, triton 3.6) over
 # V x H in {151936x1024, 151936x4096, 131072x5120, 262144x2560} by `benchmarks/bench_head_gemm.py --tune`
 # (docs/bench/tune.json; `--apply` rewrites the block between the markers). Picked by hand from that sweep: the
-# M <= 32 row is the 2026-11-23 sweep's (M = 32 was not re-swept), and M <= 64 takes the config that won on the
-# three hidden >= 2560 shapes (the geometric-mean rule picks a 256-wide vocab tile for hidden 1024's sake, where
-# pick_config drops fp16 math anyway). Decode sizes win with TMA loads; fp16 math wins wherever its pre-pass
-# launch is hidden (see _FP16_MIN_K): by 1-3% at M <= 16, 10-30% from M = 64 on. From M ~ 256 on the GEMM is
-# compute-bound and the kernel is behind cuBLAS bf16 (1.03-1.09x at M = 256, 1.16-1.32x at M = 2048).
+# M <= 32 row is the 2026-11-23 sweep's (M = 32 was not re-swept); the M <= 64 row won on all four shapes in the
+# interleaved sweep of M in {64, 256, 2048} (docs/bench/tune_interleaved.json: 8 warps, 1-2% faster than 4 at
+# hidden >= 2560 and 11% with bf16 math at hidden 1024). Decode sizes win with TMA loads; fp16 math wins wherever
+# its pre-pass launch is hidden (see _FP16_MIN_K): by 1-3% at M <= 16, 10-30% from M = 64 on. From M ~ 256 on the
+# GEMM is compute-bound and the kernel is behind cuBLAS bf16 (1.03-1.09x at M = 256, 1.16-1.32x at M = 2048).
 # Tried there and not shipped (docs/bench/head_gemm.md): a persistent schedule (one program per SM walking the
 # tiles) as a nested tile/K loop, 4-9% faster, but Triton 3.6 miscompiled it for 64-wide K tiles (garbage
 # logits); as one flat loop it was correct and slower. Also flattened loops, TMA stores, Triton's warp
@@ -82,7 +82,7 @@ class KernelConfig(NamedTuple):
 _CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (
     (16, KernelConfig(16, 64, 128, 4, 6, tma=True, fp16_math=True)),
     (32, KernelConfig(32, 128, 128, 8, 5, tma=True)),
-    (64, KernelConfig(64, 128, 128, 4, 4, tma=True, fp16_math=True)),
+    (64, KernelConfig(64, 128, 128, 8, 4, tma=True, fp16_math=True)),
     (128, KernelConfig(128, 128, 64, 8, 4, swap_ab=False, tma=True, fp16_math=True)),
     (1 << 62, KernelConfig(256, 128, 128, 8, 3, tma=True, fp16_math=True)),
 )
