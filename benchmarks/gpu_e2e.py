@@ -33,7 +33,9 @@ MODELS = {
     "qwen3-0.6b-shape-tied": dict(arch="qwen3", hidden=1024, inter=3072, layers=4, heads=16, kv=8, tied=True),
     "qwen3-0.6b-shape-untied": dict(arch="qwen3", hidden=1024, inter=3072, layers=4, heads=16, kv=8, tied=False),
     "llama-h4096-untied": dict(arch="llama", hidden=4096, inter=11008, layers=2, heads=32, kv=8, tied=False),
-    # A real body (GPU-bound decode steps): Qwen3-8B's shape with vLLM's dummy weights (only config.json on disk).
+    # Real bodies, vLLM's dummy weights (only config.json on disk): Qwen3-0.6B's 28 layers (untied twin) and Qwen3-8B.
+    "qwen3-0.6b-dummy-untied": dict(arch="qwen3", hidden=1024, inter=3072, layers=28, heads=16, kv=8, tied=False,
+                                    dummy=True),  # fmt: skip
     "qwen3-8b-shape-dummy": dict(arch="qwen3", hidden=4096, inter=12288, layers=36, heads=32, kv=8, tied=False,
                                  dummy=True),  # fmt: skip
 }
