@@ -195,7 +195,7 @@ def throughput(path, eager: bool, kw: dict, n_seqs=64, new_tokens=256, repeats=5
         out[f"batch{batch}_tok_per_s"] = round(batch * new_tokens / sorted(times)[len(times) // 2], 1)
         out[f"batch{batch}_all_tok_per_s"] = [round(batch * new_tokens / t, 1) for t in times]
     if profile:
-        out["profile_batch64"] = profile_decode(llm, prompts(n_seqs, 32, seed=9), SamplingParams, new_tokens=32)
+        out[f"profile_batch{n_seqs}"] = profile_decode(llm, prompts(n_seqs, 32, seed=9), SamplingParams, new_tokens=32)
     close(llm)
     return out
 
@@ -243,9 +243,14 @@ def plot_throughput(paths: list[str], out_png: str) -> None:
 
     runs = [(os.path.splitext(os.path.basename(p))[0], json.loads(Path(p).read_text())) for p in paths]
     models = sorted({m for _, r in runs for m in r["models"]})
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.2 * len(models)), squeeze=False)
+    batches = {}  # model -> the batch sizes any run timed it at
+    for m in models:
+        keys = {k for _, r in runs for res in r["models"].get(m, {}).values() for k in res}
+        batches[m] = sorted(int(k[5:].split("_")[0]) for k in keys if k.startswith("batch") and "_all_" in k)
+    cols = max(len(b) for b in batches.values())
+    fig, axes = plt.subplots(len(models), cols, figsize=(5.5 * cols, 3.2 * len(models)), squeeze=False)
     for row, model in enumerate(models):
-        for col, batch in enumerate((1, 64)):
+        for col, batch in enumerate(batches[model]):
             ax, labels, x = axes[row][col], [], 0
             for run_name, r in runs:
                 for key, res in r["models"].get(model, {}).items():
@@ -273,7 +278,8 @@ def main() -> None:
     ap.add_argument("--models", default="/tmp/lmhq-models")
     ap.add_argument("--only", help="graphs part: comma-separated model names (default: all)")
     ap.add_argument("--heads", default="bf16,oracle,fp32,fp8", help="graphs part: heads, in this order")
-    ap.add_argument("--profile", action="store_true", help="graphs part: also profile a short batch-64 decode")
+    ap.add_argument("--profile", action="store_true", help="graphs part: also profile a short decode at --batch")
+    ap.add_argument("--batch", type=int, default=64, help="graphs part: the large decode batch (besides 1)")
     ap.add_argument("--plot-from", help="comma-separated graphs-part JSONs: write --out/e2e_throughput.png only")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one engine in this process
     args = ap.parse_args()
@@ -321,11 +327,16 @@ def main() -> None:
             entry = report["models"].setdefault(name, {})
             heads = {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8}
             extra = DUMMY_KW if MODELS[name].get("dummy") else {}
+            if extra and args.batch > 64:  # graphs for the large batch too
+                sizes = [*extra["compilation_config"]["cudagraph_capture_sizes"], args.batch]
+                comp = {**extra["compilation_config"], "cudagraph_capture_sizes": sizes}
+                extra = {**extra, "compilation_config": comp, "max_num_seqs": max(256, args.batch)}
             seen: dict[str, int] = {}
             for v in args.heads.split(","):  # a second order (e.g. fp8,bf16) or a head twice tells drift from cost
                 seen[v] = seen.get(v, 0) + 1
                 key = f"throughput_{v}" + (f"_run{seen[v]}" if seen[v] > 1 else "")
-                entry[key] = isolated("throughput", path, False, {**heads[v], **extra}, profile=args.profile)
+                entry[key] = isolated("throughput", path, False, {**heads[v], **extra}, profile=args.profile,
+                                     n_seqs=args.batch)
                 print(name, key, json.dumps(entry[key]), flush=True)
                 with open(out_json, "w") as f:
                     json.dump(report, f, indent=1)
