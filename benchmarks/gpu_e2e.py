@@ -250,6 +250,8 @@ def plot_throughput(paths: list[str], out_png: str) -> None:
     cols = max(len(b) for b in batches.values())
     fig, axes = plt.subplots(len(models), cols, figsize=(5.5 * cols, 3.2 * len(models)), squeeze=False)
     for row, model in enumerate(models):
+        for col in range(len(batches[model]), cols):
+            axes[row][col].axis("off")
         for col, batch in enumerate(batches[model]):
             ax, labels, x = axes[row][col], [], 0
             for run_name, r in runs:
@@ -261,7 +263,7 @@ def plot_throughput(paths: list[str], out_png: str) -> None:
                     ax.plot([x] * len(all_), all_, "k.", markersize=4)
                     labels.append(f"{key.removeprefix('throughput_')}\n{run_name.removeprefix('gpu_e2e_graphs')}")
                     x += 1
-            ax.set_xticks(range(len(labels)), labels, fontsize=7)
+            ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=20)
             ax.set_title(f"{model}, batch {batch}", fontsize=9)
             ax.set_ylabel("tokens/s")
     first = runs[0][1]
