@@ -1,13 +1,16 @@
 """vLLM end to end on a GPU host: both head methods against vLLM's own fp32 head, KV-cache tokens, decode speed.
 
     python benchmarks/gpu_e2e.py --part eager  --out DIR   # accuracy (bitwise vs oracle), memory, KV tokens
-    python benchmarks/gpu_e2e.py --part graphs --out DIR [--only MODEL,...]   # CUDA graphs: decode throughput of
-                                                    # bf16, vLLM's fp32 head (oracle), ours fp32 and FP8
+    python benchmarks/gpu_e2e.py --part graphs --out DIR [--only MODEL,...] [--heads bf16,fp8,...] [--batch 64]
+                 [--profile]   # CUDA graphs: decode throughput at batch 1 and --batch of bf16, vLLM's fp32 head
+                               # (oracle), ours fp32 and FP8, each engine in its own process; --profile adds a trace
     python benchmarks/gpu_e2e.py --plot-from A.json[,B.json] --out DIR   # PNG of the throughput JSONs (no GPU)
 
 Random-weight checkpoints are built on the host (no download): a Qwen3-0.6B-shaped model (hidden 1024, vocab
-151936, head-dominated; tied like the real one, and an untied twin) and a hidden-4096 Llama-shaped one. Engines run
-in-process one after another; prompts are token ids (no tokenizer needed). Writes one JSON per part into DIR.
+151936, head-dominated; tied like the real one, and an untied twin) and a hidden-4096 Llama-shaped one, 2-4 layers
+each. Two models with real bodies use vLLM's dummy weights instead (``*-dummy``: Qwen3-0.6B's 28 layers and
+Qwen3-8B's shape, only config.json on disk). Prompts are token ids (no tokenizer needed). Writes one JSON per part
+into DIR (docs/gpu-e2e.md reads them).
 """
 
 from __future__ import annotations
