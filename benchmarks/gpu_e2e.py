@@ -42,7 +42,7 @@ MODELS = {
     "qwen3-8b-shape-dummy": dict(arch="qwen3", hidden=4096, inter=12288, layers=36, heads=32, kv=8, tied=False,
                                  dummy=True),  # fmt: skip
 }
-# Engine arguments of the dummy-weight model: no checkpoint, and graphs only for the two decode batch sizes timed
+# Engine arguments of the dummy-weight models: no checkpoint, and graphs only for decode batches up to the one timed
 # (capturing vLLM's ~67 default sizes x 37 pieces of a 36-layer body takes minutes).
 DUMMY_KW = {"load_format": "dummy", "compilation_config": {"backend": "eager",
             "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}}  # fmt: skip

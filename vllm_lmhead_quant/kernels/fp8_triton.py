@@ -17,7 +17,7 @@ strides) the same math runs with pointer loads. Most table rows use *fp16 math*:
 in one instruction but has no e4m3 -> bf16 convert (Triton emits three), and once the GEMM is compute-bound that
 conversion is the bottleneck. A small pre-pass scales each bf16 activation row by a power of two into fp16
 (exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16 path's (tested),
-at 0.54-0.57x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) (docs/bench/head_gemm.md).
+at 0.54-0.55x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) (docs/bench/head_gemm.md).
 
 Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``);
 there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
@@ -73,7 +73,7 @@ class KernelConfig(NamedTuple):
 # interleaved sweep of M in {64, 256, 2048} (docs/bench/tune_interleaved.json: 8 warps, 1-2% faster than 4 at
 # hidden >= 2560 and 11% with bf16 math at hidden 1024). Decode sizes win with TMA loads; fp16 math wins wherever
 # its pre-pass launch is hidden (see _FP16_MIN_K): by 1-3% at M <= 16, 10-30% from M = 64 on. From M ~ 256 on the
-# GEMM is compute-bound and the kernel is behind cuBLAS bf16 (1.03-1.09x at M = 256, 1.16-1.32x at M = 2048).
+# GEMM is compute-bound and the kernel is behind cuBLAS bf16 (1.03-1.09x at M = 256, 1.16-1.39x at M = 2048).
 # Tried there and not shipped (docs/bench/head_gemm.md): a persistent schedule (one program per SM walking the
 # tiles) as a nested tile/K loop, 4-9% faster, but Triton 3.6 miscompiled it for 64-wide K tiles (garbage
 # logits); as one flat loop it was correct and slower. Also flattened loops, TMA stores, Triton's warp
