@@ -1,8 +1,9 @@
-"""LM-head GEMM benchmark: bf16 vs fp32-logit vs FP8 variants, side by side in one run, with the byte floor.
+"""LM-head GEMM benchmark: bf16 vs fp32-logit vs FP8 and INT8 variants, side by side in one run, with the byte floor.
 
     python benchmarks/bench_head_gemm.py --out DIR            # JSON + markdown table + PNG plots
     python benchmarks/bench_head_gemm.py --plot-from DIR/head_gemm.json --out DIR   # plots only (no GPU)
     python benchmarks/bench_head_gemm.py --tune --out DIR     # time candidate kernel configs per M bucket
+    python benchmarks/bench_head_gemm.py --tune --tune-format int8 --out DIR   # the same with INT8 weights
 
 Why it measures the way it does: at decode the head GEMM is a stream of the V x H weight, so the honest
 comparison is against the bytes it must read. Every timed call is preceded by a write of a buffer larger than
@@ -34,15 +35,20 @@ VARIANTS = (
     "fp8_dequant_per_call",
     "fp8_dequant_scaled_per_call",
     "scaled_mm_w8a8",
-    "ours_bf16_out",
-    "ours_fp32_out",
+    "fp8_bf16_out",
+    "fp8_fp32_out",
+    "int8_bf16_out",
+    "int8_fp32_out",
 )
-FP8_VARIANTS = {
-    "fp8_dequant_per_call",
-    "fp8_dequant_scaled_per_call",
-    "scaled_mm_w8a8",
-    "ours_bf16_out",
-    "ours_fp32_out",
+# Variants computed from a quantized weight, and which: their "own" accuracy reference is that weight.
+QUANTIZED_VARIANTS = {
+    "fp8_dequant_per_call": "fp8",
+    "fp8_dequant_scaled_per_call": "fp8",
+    "scaled_mm_w8a8": "fp8",
+    "fp8_bf16_out": "fp8",
+    "fp8_fp32_out": "fp8",
+    "int8_bf16_out": "int8",
+    "int8_fp32_out": "int8",
 }
 
 
@@ -51,8 +57,8 @@ def _import_kernel():
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     try:
-        from vllm_lmhead_quant.fp8 import quantize_rows
-        from vllm_lmhead_quant.kernels import fp8_triton
+        from vllm_lmhead_quant import quant
+        from vllm_lmhead_quant.kernels import weight_only as wo
     except ImportError:
         import importlib.util
 
@@ -62,9 +68,9 @@ def _import_kernel():
             spec.loader.exec_module(mod)
             return mod
 
-        quantize_rows = load("_fp8", "vllm_lmhead_quant/fp8.py").quantize_rows
-        fp8_triton = load("_fp8_triton", "vllm_lmhead_quant/kernels/fp8_triton.py")
-    return quantize_rows, fp8_triton
+        quant = load("_quant", "vllm_lmhead_quant/quant.py")
+        wo = load("_wo", "vllm_lmhead_quant/kernels/weight_only.py")
+    return quant, wo
 
 
 class Timer:
@@ -190,11 +196,14 @@ def env_info(torch) -> dict:
     return info
 
 
-def make_variants(torch, fp8_triton, x, w, q, scale):
-    """name -> zero-arg callable. Per-call variants rebuild their weight every call, as the real paths do."""
+def make_variants(torch, wo, x, w, quants):
+    """name -> zero-arg callable. Per-call variants rebuild their weight every call, as the real paths do.
+    ``quants``: format name -> (q, scale)."""
     import torch.nn.functional as F
 
     from_fp8 = torch.bfloat16
+    q, scale = quants["fp8"]
+    q8, scale8 = quants["int8"]
 
     def w8a8():
         # Per-token dynamic activation quant (a w8a8 head must do it every call) + row-wise _scaled_mm.
@@ -209,19 +218,21 @@ def make_variants(torch, fp8_triton, x, w, q, scale):
         "fp8_dequant_per_call": lambda: F.linear(x, q.to(from_fp8)),
         "fp8_dequant_scaled_per_call": lambda: F.linear(x, (q.float() * scale[:, None]).to(from_fp8)),
         "scaled_mm_w8a8": w8a8,
-        "ours_bf16_out": lambda: fp8_triton.fp8_weight_only_mm(x, q, scale, torch.bfloat16),
-        "ours_fp32_out": lambda: fp8_triton.fp8_weight_only_mm(x, q, scale, torch.float32),
+        "fp8_bf16_out": lambda: wo.weight_only_mm(x, q, scale, torch.bfloat16),
+        "fp8_fp32_out": lambda: wo.weight_only_mm(x, q, scale, torch.float32),
+        "int8_bf16_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.bfloat16),
+        "int8_fp32_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.float32),
     }
 
 
-def make_weights(torch, quantize_rows, v, h):
+def make_weights(torch, quant, v, h):
+    """bf16 weight and its quantized forms, ``{format name: (q, scale)}``."""
     g = torch.Generator(device="cuda").manual_seed(v + h)
     w = (torch.randn(v, h, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    q, scale = quantize_rows(w)
-    return w, q, scale
+    return w, {name: quant.quantize_rows(w, fmt) for name, fmt in quant.FORMATS.items()}
 
 
-def run_bench(args, torch, quantize_rows, fp8_triton) -> dict:
+def run_bench(args, torch, quant, wo) -> dict:
     timer = Timer(torch, graphs=args.graphs)
     bw = copy_bandwidth(torch, timer)
     res = {
@@ -229,50 +240,51 @@ def run_bench(args, torch, quantize_rows, fp8_triton) -> dict:
         "rounds": args.rounds,
         "env": env_info(torch),
         "copy_bw_Bps": bw,
-        "config_table": [[max_m, _key(cfg)] for max_m, cfg in fp8_triton._CONFIG_TABLE],
+        "config_table": [[max_m, _key(cfg)] for max_m, cfg in wo._CONFIG_TABLE],
+        "int8_rows": {max_m: _key(cfg) for max_m, cfg in wo._INT8_ROWS.items()},
         "results": [],
         "accuracy": None,
         "host_launch_us": {},
     }
     print(f"# {res['env']}  copy bw {bw / 1e12:.2f} TB/s", flush=True)
     for v, h in args.shapes:
-        w, q, scale = make_weights(torch, quantize_rows, v, h)
+        w, quants = make_weights(torch, quant, v, h)
         for m in args.ms:
             x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-            fns = make_variants(torch, fp8_triton, x, w, q, scale)
+            fns = make_variants(torch, wo, x, w, quants)
             rows = interleaved(timer, fns, args.variants, args.rounds, args.budget)
             for name in args.variants:
                 row = {"V": v, "H": h, "M": m, "variant": name, **rows[name]}
                 res["results"].append(row)
                 print(row, flush=True)
             if not res["host_launch_us"]:  # once, at the first shape and M
-                for name in ("bf16", "out_dtype_fp32", "scaled_mm_w8a8", "ours_bf16_out"):
+                for name in ("bf16", "out_dtype_fp32", "scaled_mm_w8a8", "fp8_bf16_out", "int8_bf16_out"):
                     res["host_launch_us"][name] = host_launch_us(torch, fns[name])
                 print("host launch us", res["host_launch_us"], flush=True)
             del x, fns
             (args.out / "head_gemm.json").write_text(json.dumps(res, indent=1))  # incremental
         if (v, h) == tuple(args.acc_shape):
-            res["accuracy"] = accuracy(torch, fp8_triton, w, q, scale, args.acc_m)
-        del w, q, scale
+            res["accuracy"] = accuracy(torch, wo, w, quants, args.acc_m)
+        del w, quants
         torch.cuda.empty_cache()
     return res
 
 
-def accuracy(torch, fp8_triton, w, q, scale, m) -> dict:
+def accuracy(torch, wo, w, quants, m) -> dict:
     """Per variant: max abs / RMS logit error vs fp64 of its own weight (arithmetic error) and vs fp64 of the
-    bf16 weight (arithmetic + FP8 quantization error)."""
+    bf16 weight (arithmetic + quantization error)."""
     h = w.shape[1]
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     ref_bf16 = x.double() @ w.double().T
-    ref_fp8 = (x.double() @ q.double().T) * scale.double()
+    refs = {name: (x.double() @ q.double().T) * s.double() for name, (q, s) in quants.items()}
     out = {"V": w.shape[0], "H": h, "M": m, "ref_rms": ref_bf16.pow(2).mean().sqrt().item(), "variants": {}}
-    for name, fn in make_variants(torch, fp8_triton, x, w, q, scale).items():
+    for name, fn in make_variants(torch, wo, x, w, quants).items():
         try:
             y = fn().double()
         except Exception as e:
             out["variants"][name] = {"error": str(e)[:200]}
             continue
-        own = ref_fp8 if name in FP8_VARIANTS else ref_bf16
+        own = refs[QUANTIZED_VARIANTS[name]] if name in QUANTIZED_VARIANTS else ref_bf16
         d_own, d_bf16 = y - own, y - ref_bf16
         out["variants"][name] = {
             "max_abs_vs_own_fp64": d_own.abs().max().item(),
@@ -308,10 +320,10 @@ def to_markdown(res: dict) -> str:
             f"CUDA events around {timed}, "
             f"L2 flushed before each call, {rounds}, TF32 off. Copy bandwidth "
             f"{bw / 1e12:.2f} TB/s (read+write); floors = weight bytes / that bandwidth "
-            "(bf16: 2VH, fp8: VH + 4V)."
+            "(bf16: 2VH, fp8 and int8: VH + 4V)."
         ),
         "",
-        "| V x H | M | " + " | ".join(variants) + " | bf16 floor | fp8 floor |",
+        "| V x H | M | " + " | ".join(variants) + " | bf16 floor | 8-bit floor |",
         "|---|---|" + "---|" * (len(variants) + 2),
     ]
     for (v, h, m), d in table.items():
@@ -346,9 +358,9 @@ def to_markdown(res: dict) -> str:
             f"## Accuracy, V x H = {acc['V']}x{acc['H']}, M = {acc['M']} (logit RMS {acc['ref_rms']:.3g})",
             "",
             (
-                "own = fp64 product with the variant's own weight (bf16 for bf16 variants, dequantized FP8 "
-                "for FP8 variants): arithmetic error. bf16w = fp64 product with the original bf16 weight: "
-                "adds FP8 quantization error. fp8_dequant_per_call leaves the scale out (it times the bare "
+                "own = fp64 product with the variant's own weight (bf16 for bf16 variants, the dequantized "
+                "FP8/INT8 weight for the others): arithmetic error. bf16w = fp64 product with the original bf16 "
+                "weight: adds the quantization error. fp8_dequant_per_call leaves the scale out (it times the bare "
                 "e4m3 -> bf16 conversion), so its error is not meaningful."
             ),
             "",
@@ -387,18 +399,18 @@ def plot(res: dict, out: Path) -> list[Path]:
                     continue
                 xs = [p[0] for p in pts]
                 ys = [p[1] if kind == "time" else p[1] / base[p[0]] for p in pts]
-                style = "-o" if name.startswith("ours") else "--."
-                ax.plot(xs, ys, style, label=name, linewidth=2 if name.startswith("ours") else 1)
+                ours = name.endswith("_out")
+                ax.plot(xs, ys, "-o" if ours else "--.", label=name, linewidth=2 if ours else 1)
             ms = sorted(base)
             if kind == "time":
                 ax.plot(ms, [2 * v * h / bw * 1e6] * len(ms), "k:", label="bf16 byte floor")
-                ax.plot(ms, [(v * h + 4 * v) / bw * 1e6] * len(ms), "k-.", label="fp8 byte floor")
+                ax.plot(ms, [(v * h + 4 * v) / bw * 1e6] * len(ms), "k-.", label="8-bit byte floor")
                 ax.set_yscale("log")
                 ax.set_ylabel("median µs")
             else:
                 ax.axhline(1.0, color="k", linewidth=0.8)
                 ax.axhline(0.55, color="r", linestyle=":", linewidth=0.8, label="0.55x target")
-                ax.plot(ms, [(v * h + 4 * v) / bw * 1e6 / base[m] for m in ms], "k-.", label="fp8 floor / bf16")
+                ax.plot(ms, [(v * h + 4 * v) / bw * 1e6 / base[m] for m in ms], "k-.", label="8-bit floor / bf16")
                 ax.set_yscale("log")
                 ax.set_ylabel("time / bf16")
             ax.set_xscale("log", base=2)
@@ -416,17 +428,19 @@ def plot(res: dict, out: Path) -> list[Path]:
     return paths
 
 
-def tune_candidates(fp8_triton, m: int) -> list:
+def tune_candidates(wo, m: int, fmt: str = "fp8") -> list:
     """Hand-picked candidates for one M (pruned by earlier H100 sweeps, docs/bench/tune.json): swap-AB GEMV-like
     tiles for small M, big tiles for large M; pointer and TMA loads; and from M = 32 on each also with fp16 math
     (bf16 activations pre-scaled per token into fp16: a one-instruction e4m3 convert). Triton's automatic warp
     specialization (``tl.range(warp_specialize=True)``) was tried on the TMA configs with Triton 3.6 on an H100 and
     hit illegal memory accesses, so it is not a candidate; nor are the persistent schedules of the 2026-11-25 sweep
-    (docs/bench/head_gemm.md: miscompiled as a nested loop, slower as a flat one)."""
-    C = fp8_triton.KernelConfig
+    (docs/bench/head_gemm_h100.md: miscompiled as a nested loop, slower as a flat one)."""
+    C = wo.KernelConfig
     if m <= 16:
         base = [C(16, 64, 128, 4, 6), C(16, 64, 128, 4, 6, tma=True), C(16, 128, 128, 8, 6, tma=True),
                 C(16, 64, 256, 4, 4, tma=True), C(16, 256, 128, 8, 4, tma=True)]  # fmt: skip
+        if fmt == "int8":  # INT8 converts to fp16 in half the instructions of bf16: every config both ways
+            return base + [c._replace(fp16_math=True) for c in base]
         return base + [C(16, 64, 128, 4, 6, tma=True, fp16_math=True)]
     if m <= 32:
         base = [C(32, 128, 128, 8, 5, tma=True), C(32, 64, 256, 4, 4, tma=True), C(32, 64, 128, 4, 6, tma=True)]
@@ -434,6 +448,8 @@ def tune_candidates(fp8_triton, m: int) -> list:
         base = [C(64, 128, 128, 4, 4, tma=True), C(64, 128, 64, 4, 6, tma=True), C(64, 256, 128, 8, 4, tma=True),
                 C(64, 128, 256, 4, 3, tma=True), C(64, 64, 128, 4, 6, tma=True), C(64, 128, 128, 8, 4, tma=True),
                 C(64, 128, 128, 4, 6, tma=True)]  # fmt: skip
+        if fmt == "int8":
+            base += [C(64, 128, 256, 8, 3, tma=True), C(64, 256, 64, 8, 4, tma=True), C(64, 128, 128, 8, 3, tma=True)]
     elif m <= 128:
         base = [C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, False, True), C(128, 256, 64, 8, 3, tma=True),
                 C(128, 128, 128, 8, 3, tma=True)]  # fmt: skip
@@ -443,15 +459,18 @@ def tune_candidates(fp8_triton, m: int) -> list:
                 C(256, 128, 64, 8, 3, tma=True), C(128, 256, 128, 8, 3, tma=True), C(128, 128, 64, 4, 4, tma=True),
                 C(128, 128, 64, 8, 4, tma=True), C(128, 128, 128, 8, 3, tma=True), C(128, 128, 128, 4, 3, tma=True),
                 C(128, 128, 64, 8, 4, swap_ab=False, tma=True)]  # fmt: skip
-        return [c._replace(fp16_math=True) for c in base]
+        fp16 = [c._replace(fp16_math=True) for c in base]
+        if fmt == "int8":  # also bf16 math, and two-stage pipelines (fewer live tiles)
+            return fp16 + base + [c._replace(num_stages=2) for c in fp16]
+        return fp16
     return base + [c._replace(fp16_math=True) for c in base]
 
 
-def _no_conversion_call(torch, fp8_triton, cfg, x16, w16, scale):
+def _no_conversion_call(torch, wo, cfg, x16, w16, scale):
     """Our kernel with fp16 weights (its in-register convert is then a no-op): the Triton GEMM's own ceiling for
     this config, to tell conversion cost from schedule cost. Diagnostic only (the result is not the head's)."""
     y = torch.empty((x16.shape[0], w16.shape[0]), dtype=torch.bfloat16, device=x16.device)
-    fp8_triton._gemm(x16, w16, scale, y, cfg)
+    wo._gemm(x16, w16, scale, y, cfg)
     return y
 
 
@@ -459,32 +478,52 @@ def _key(cfg) -> str:
     return repr(tuple(cfg))
 
 
-def _from_key(fp8_triton, key: str):
-    return fp8_triton.KernelConfig(*ast.literal_eval(key))
+def _from_key(wo, key: str):
+    return wo.KernelConfig(*ast.literal_eval(key))
 
 
-def run_tune(args, torch, quantize_rows, fp8_triton) -> dict:
+def check_candidate(torch, wo, x, q, scale, cfg) -> str | None:
+    """None if ``cfg`` computes fp32 logits within fp32 accumulation error of the fp64 product with the dequantized
+    weight (tests/test_kernel_cuda.py's typical bound), else why not. Every tuned config is checked before it is
+    timed, with fp32 output (bf16 rounding would hide a wrong low-order result): Triton 3.6 miscompiles some
+    schedules (benchmarks/diag_int8.py)."""
+    try:
+        y = wo.weight_only_mm(x, q, scale, torch.float32, config=cfg).double()
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:160]}"
+    ref = (x.double() @ q.double().T) * scale.double()
+    excess = ((y - ref).abs().max() / (1e-5 * ref.abs().max())).item()
+    return None if excess <= 1.0 else f"wrong result: error {excess:.3g}x the fp32 bound"
+
+
+def run_tune(args, torch, quant, wo) -> dict:
     """Time every candidate config per (shape, M) with bf16 activations and bf16 output, interleaved with cuBLAS
     bf16 (``--rounds`` passes, as in the benchmark), and report the best. The best config is then also timed with
     fp32 output and, from M = 64 on, with fp16 weights (no conversion: the Triton schedule's own ceiling)."""
     import torch.nn.functional as F
 
     timer = Timer(torch)
-    out = {"env": env_info(torch), "rounds": args.rounds, "cells": []}
+    out = {"env": env_info(torch), "rounds": args.rounds, "format": args.tune_format, "cells": []}
     for v, h in args.shapes:
-        w, q, scale = make_weights(torch, quantize_rows, v, h)
+        w, quants = make_weights(torch, quant, v, h)
+        q, scale = quants[args.tune_format]
         for m in args.tune_ms:
             x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
             fns = {"bf16": lambda x=x, w=w: F.linear(x, w)}
-            for cfg in [None, *tune_candidates(fp8_triton, m)]:
+            wrong = {}
+            for cfg in [None, *tune_candidates(wo, m, args.tune_format)]:
                 name = "default" if cfg is None else _key(cfg)
-                fns[name] = lambda c=cfg, x=x, q=q, s=scale: fp8_triton.fp8_weight_only_mm(
-                    x, q, s, torch.bfloat16, config=c
-                )
+                fns[name] = lambda c=cfg, x=x, q=q, s=scale: wo.weight_only_mm(x, q, s, torch.bfloat16, config=c)
+                err = check_candidate(torch, wo, x, q, scale, cfg)
+                if err is not None:  # a miscompiled or out-of-resources config is never timed, never picked
+                    wrong[name] = err
+                    del fns[name]
+                    print(f"   {name}: {err}", flush=True)
             timed = interleaved(timer, fns, list(fns), args.rounds, args.budget)
+            timed.update({name: {"error": err} for name, err in wrong.items()})
             base = timed.pop("bf16")["median_us"]
             configs = {k: r.get("median_us", r.get("error")) for k, r in timed.items()}
-            cell = {"V": v, "H": h, "M": m, "bf16_us": base, "default": str(fp8_triton.pick_config(m, v, h)),
+            cell = {"V": v, "H": h, "M": m, "bf16_us": base, "default": str(wo.pick_config(m, v, h, q.dtype)),
                     "configs": configs}  # fmt: skip
             ok = {k: t for k, t in configs.items() if isinstance(t, float)}
             best = min(ok, key=ok.get)
@@ -493,14 +532,14 @@ def run_tune(args, torch, quantize_rows, fp8_triton) -> dict:
                 f"({ok.get('default', math.nan) / base:.2f}) best {best} {ok[best]:.0f}us ({ok[best] / base:.2f})",
                 flush=True,
             )
-            best_cfg = None if best == "default" else _from_key(fp8_triton, best)
+            best_cfg = None if best == "default" else _from_key(wo, best)
             extra = {"best": fns[best], "best_fp32_out": lambda c=best_cfg, x=x, q=q, s=scale: (
-                fp8_triton.fp8_weight_only_mm(x, q, s, torch.float32, config=c))}  # fmt: skip
+                wo.weight_only_mm(x, q, s, torch.float32, config=c))}  # fmt: skip
             if m >= 64:  # how much of the gap to cuBLAS is the e4m3 conversion?
                 w16, x16 = w.half(), x.half()
-                cfg16 = best_cfg or fp8_triton.pick_config(m, v, h)
+                cfg16 = best_cfg or wo.pick_config(m, v, h, q.dtype)
                 extra["ceiling_fp16_weights"] = lambda c=cfg16, a=x16, b=w16, s=scale: _no_conversion_call(
-                    torch, fp8_triton, c, a, b, s
+                    torch, wo, c, a, b, s
                 )
             extra_t = interleaved(timer, extra, list(extra), args.rounds, args.budget / 2)
             for name in ("best_fp32_out", "ceiling_fp16_weights"):
@@ -511,36 +550,36 @@ def run_tune(args, torch, quantize_rows, fp8_triton) -> dict:
             out["cells"].append(cell)
             (args.out / "tune.json").write_text(json.dumps(out, indent=1))  # incremental: survives a timeout
             del x, fns, extra
-        del w, q, scale
+        del w, q, scale, quants
         torch.cuda.empty_cache()
-    table = table_from_tune(out, fp8_triton)
+    table = table_from_tune(out, wo)
     out["table"] = [[max_m, _key(cfg)] for max_m, cfg in table]
     (args.out / "tune.json").write_text(json.dumps(out, indent=1))
     print("tuned table:", out["table"])
     if args.apply:
-        apply_table(fp8_triton, table)
+        apply_table(wo, table)
     return out
 
 
-def apply_table(fp8_triton, table) -> None:
+def apply_table(wo, table) -> None:
     """Rewrite the ``<tuned-table>`` block of the kernel module's source with ``table`` (and use it now)."""
-    path = Path(fp8_triton.__file__)
+    path = Path(wo.__file__)
     src = path.read_text()
     head, rest = src.split("# <tuned-table>\n", 1)
     _, tail = rest.split("# </tuned-table>\n", 1)
     rows = []
     for max_m, cfg in table:
         bound = "1 << 62" if max_m >= 1 << 62 else str(max_m)
-        defaults = fp8_triton.KernelConfig._field_defaults
+        defaults = wo.KernelConfig._field_defaults
         extra = "".join(f", {f}={getattr(cfg, f)}" for f in defaults if getattr(cfg, f) != defaults[f])
         rows.append(f"    ({bound}, KernelConfig({', '.join(map(str, tuple(cfg)[:5]))}{extra})),")
     block = "_CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (\n" + "\n".join(rows) + "\n)\n"
     path.write_text(head + "# <tuned-table>\n" + block + "# </tuned-table>\n" + tail)
-    fp8_triton._CONFIG_TABLE = tuple(table)
+    wo._CONFIG_TABLE = tuple(table)
     print("rewrote the table in", path)
 
 
-def table_from_tune(tune: dict, fp8_triton) -> list:
+def table_from_tune(tune: dict, wo) -> list:
     """Config table from tune cells: per M bucket (ends at each tuned M), the config with the best geometric
     mean of time / best-time over all shapes and Ms of the bucket (robust across hidden sizes)."""
     ms = sorted({c["M"] for c in tune["cells"]})
@@ -555,7 +594,7 @@ def table_from_tune(tune: dict, fp8_triton) -> list:
                 scores.setdefault(k, []).append(math.log(t / best))
         full = {k: sum(v) / len(v) for k, v in scores.items() if len(v) == len(cells)}
         if full:
-            cfg = _from_key(fp8_triton, min(full, key=full.get))
+            cfg = _from_key(wo, min(full, key=full.get))
             table.append((hi if i < len(ms) - 1 else 1 << 62, cfg))
         lo = hi
     merged = []  # neighbouring buckets with the same winner become one row
@@ -586,6 +625,7 @@ def main(argv=None) -> int:
         type=lambda s: [int(t) for t in s.split(",")],
         default=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
     )
+    p.add_argument("--tune-format", choices=["fp8", "int8"], default="fp8", help="weight format for --tune")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--acc-shape", type=lambda s: tuple(map(int, s.split("x"))), default=(151936, 4096))
     p.add_argument("--acc-m", type=int, default=64)
@@ -610,19 +650,19 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.set_float32_matmul_precision("highest")
-    quantize_rows, fp8_triton = _import_kernel()
+    quant, wo = _import_kernel()
 
     if args.tune:
-        run_tune(args, torch, quantize_rows, fp8_triton)
+        run_tune(args, torch, quant, wo)
         return 0
     if args.table_from:
-        table = table_from_tune(json.loads(args.table_from.read_text()), fp8_triton)
+        table = table_from_tune(json.loads(args.table_from.read_text()), wo)
         print("using config table from", args.table_from, table)
-        fp8_triton._CONFIG_TABLE = tuple(table)
+        wo._CONFIG_TABLE = tuple(table)
         if args.apply:  # write it into the module too (the package then uses it everywhere)
-            apply_table(fp8_triton, table)
+            apply_table(wo, table)
 
-    res = run_bench(args, torch, quantize_rows, fp8_triton)
+    res = run_bench(args, torch, quant, wo)
     (args.out / "head_gemm.json").write_text(json.dumps(res, indent=1))
     md = to_markdown(res)
     (args.out / "head_gemm.md").write_text(md)

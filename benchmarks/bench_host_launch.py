@@ -23,8 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_lmhead_quant import ops  # noqa: E402
-from vllm_lmhead_quant.fp8 import quantize_rows  # noqa: E402
-from vllm_lmhead_quant.kernels import fp8_triton as ft  # noqa: E402
+from vllm_lmhead_quant.kernels import weight_only as ft  # noqa: E402
+from vllm_lmhead_quant.quant import quantize_rows  # noqa: E402
 
 
 def per_call_us(fn, n: int = 400) -> float:
@@ -66,12 +66,12 @@ def variants(v: int, h: int, m: int = 1) -> dict:
     y = torch.empty(m, v, device="cuda", dtype=torch.bfloat16)
 
     def tma_prebuilt():
-        ft._fp8_wo_tma_kernel[grid](xd, qd, s, s, y, m, v, y.stride(0), h, BLOCK_M=cfg.block_m,
+        ft._wo_tma_kernel[grid](xd, qd, s, s, y, m, v, y.stride(0), h, BLOCK_M=cfg.block_m,
                                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=True, TOKEN_SCALE=False,
                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
 
     def ptr_direct():
-        ft._fp8_wo_kernel[grid](x, q, s, s, y, m, v, h, x.stride(0), q.stride(0), y.stride(0),
+        ft._wo_kernel[grid](x, q, s, s, y, m, v, h, x.stride(0), q.stride(0), y.stride(0),
                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=True,
                                 EVEN_K=True, TOKEN_SCALE=False, num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)  # fmt: skip
@@ -90,12 +90,12 @@ def variants(v: int, h: int, m: int = 1) -> dict:
     g3 = (grid[0], 1, 1)
     ptr_args = (x, q, s, s, y, m, v, h, x.stride(0), q.stride(0), y.stride(0), cfg.block_m, cfg.block_n,
                 cfg.block_k, True, True, False)  # fmt: skip
-    compiled_ptr = ft._fp8_wo_kernel[grid](*ptr_args[:11], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    compiled_ptr = ft._wo_kernel[grid](*ptr_args[:11], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                            BLOCK_K=cfg.block_k, SWAP_AB=True, EVEN_K=True, TOKEN_SCALE=False,
                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
     tma_pre = (xd, qd, s, s, y, m, v, y.stride(0), h, cfg.block_m, cfg.block_n, cfg.block_k, True, False)
     tma_prebuilt()
-    compiled_tma = ft._fp8_wo_tma_kernel[grid](*tma_pre[:9], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+    compiled_tma = ft._wo_tma_kernel[grid](*tma_pre[:9], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                                BLOCK_K=cfg.block_k, SWAP_AB=True, TOKEN_SCALE=False,
                                                num_warps=cfg.num_warps,
                                                num_stages=cfg.num_stages)  # fmt: skip
@@ -113,16 +113,19 @@ def variants(v: int, h: int, m: int = 1) -> dict:
         "TMA CompiledKernel[grid], prebuilt descriptors": lambda: compiled_tma[g3](*tma_pre),
         "pointer kernel[grid]": ptr_direct,
         "pointer CompiledKernel[grid]": lambda: compiled_ptr[g3](*ptr_args),
-        "fp8_weight_only_mm (table config), plain launch": slow(lambda: ft.fp8_weight_only_mm(x, q, s, torch.bfloat16)),
-        "fp8_weight_only_mm (table config)": lambda: ft.fp8_weight_only_mm(x, q, s, torch.bfloat16),
-        "fp8_weight_only_mm (pointer config)": lambda: ft.fp8_weight_only_mm(x, q, s, torch.bfloat16,
-                                                                            config=ptr_cfg),  # fmt: skip
-        "fp8_weight_only_mm M=64 fp16 math": lambda: ft.fp8_weight_only_mm(
-            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 8, 4, tma=True, fp16_math=True)),
-        "fp8_weight_only_mm M=64 bf16 math": lambda: ft.fp8_weight_only_mm(
-            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 8, 4, tma=True)),
-        "ops.fp8_logits, plain launch": slow(lambda: ops.fp8_logits(x, q, s)),
-        "ops.fp8_logits": lambda: ops.fp8_logits(x, q, s),
+        "fp8_weight_only_mm (table config), plain launch": slow(lambda: ft.weight_only_mm(x, q, s, torch.bfloat16)),
+        "fp8_weight_only_mm (table config)": lambda: ft.weight_only_mm(x, q, s, torch.bfloat16),
+        "fp8_weight_only_mm (pointer config)": lambda: ft.weight_only_mm(
+            x, q, s, torch.bfloat16, config=ptr_cfg
+        ),  # fmt: skip
+        "fp8_weight_only_mm M=64 fp16 math": lambda: ft.weight_only_mm(
+            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 8, 4, tma=True, fp16_math=True)
+        ),
+        "fp8_weight_only_mm M=64 bf16 math": lambda: ft.weight_only_mm(
+            x16[:64], q, s, torch.bfloat16, config=ft.KernelConfig(64, 128, 128, 8, 4, tma=True)
+        ),
+        "ops.quantized_logits, plain launch": slow(lambda: ops.quantized_logits(x, q, s)),
+        "ops.quantized_logits": lambda: ops.quantized_logits(x, q, s),
     }
 
 

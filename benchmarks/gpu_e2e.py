@@ -1,6 +1,7 @@
-"""vLLM end to end on a GPU host: both head methods against vLLM's own fp32 head, KV-cache tokens, decode speed.
+"""vLLM end to end on a GPU host: the head methods against vLLM's own fp32 head, KV-cache tokens, decode speed.
 
-    python benchmarks/gpu_e2e.py --part eager  --out DIR   # accuracy (bitwise vs oracle), memory, KV tokens
+    python benchmarks/gpu_e2e.py --part eager  --out DIR [--only MODEL,...] [--heads ...]
+                               # accuracy (bitwise vs oracle), memory, KV tokens
     python benchmarks/gpu_e2e.py --part graphs --out DIR [--only MODEL,...] [--heads bf16,fp8,...] [--batch 64]
                  [--profile]   # CUDA graphs: decode throughput at batch 1 and --batch of bf16, vLLM's fp32 head
                                # (oracle), ours fp32 and FP8, each engine in its own process; --profile adds a trace
@@ -49,9 +50,12 @@ DUMMY_KW = {"load_format": "dummy", "compilation_config": {"backend": "eager",
 VOCAB = 151936
 ORACLE = {"hf_overrides": {"head_dtype": "float32"}}
 FP32 = {"quantization": "bf16_last_layer_fp32"}
-FP8 = {"quantization": "fp8_lm_head"}
-FP8_F32 = {"quantization": "fp8_lm_head", "additional_config": {"lm_head_quant": {"logits_dtype": "float32"}}}
+FP8 = {"quantization": "fp8_lm_head"}  # fp32 logits by default since 2026-11-30
+FP8_MODEL_LOGITS = {"quantization": "fp8_lm_head", "additional_config": {"lm_head_quant": {"logits_dtype": "model"}}}
 FP8_TIED = {"quantization": "fp8_lm_head", "additional_config": {"lm_head_quant": {"tied": "quantize"}}}
+INT8 = {"quantization": "int8_lm_head"}
+INT8_TIED = {"quantization": "int8_lm_head", "additional_config": {"lm_head_quant": {"tied": "quantize"}}}
+HEADS = {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8, "int8": INT8}
 
 
 def build(name: str, root: str) -> str:
@@ -281,10 +285,11 @@ def main() -> None:
     ap.add_argument("--part", choices=["eager", "graphs"])
     ap.add_argument("--out")
     ap.add_argument("--models", default="/tmp/lmhq-models")
-    ap.add_argument("--only", help="graphs part: comma-separated model names (default: all)")
-    ap.add_argument("--heads", default="bf16,oracle,fp32,fp8", help="graphs part: heads, in this order")
+    ap.add_argument("--only", help="comma-separated model names (default: all of the part)")
+    ap.add_argument("--heads", default="bf16,oracle,fp32,fp8,int8", help="heads, in this order (graphs part)")
     ap.add_argument("--profile", action="store_true", help="graphs part: also profile a short decode at --batch")
     ap.add_argument("--batch", type=int, default=64, help="graphs part: the large decode batch (besides 1)")
+    ap.add_argument("--repeats", type=int, default=5, help="graphs part: timed decodes per batch size")
     ap.add_argument("--plot-from", help="comma-separated graphs-part JSONs: write --out/e2e_throughput.png only")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one engine in this process
     args = ap.parse_args()
@@ -307,11 +312,13 @@ def main() -> None:
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "vllm": vllm.__version__,
               "part": args.part, "models": {}}  # fmt: skip
     if args.part == "eager":
-        common = {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8}
+        wanted = {h: HEADS[h] for h in args.heads.split(",")} | {"oracle": ORACLE}  # the oracle is the reference
         plan = {
-            "qwen3-0.6b-shape-tied": {**common, "fp8_tied_quantize": FP8_TIED},
-            "llama-h4096-untied": {**common, "fp8_fp32_logits": FP8_F32},
+            "qwen3-0.6b-shape-tied": {**wanted, "fp8_tied_quantize": FP8_TIED, "int8_tied_quantize": INT8_TIED},
+            "llama-h4096-untied": {**wanted, "fp8_model_logits": FP8_MODEL_LOGITS},
         }
+        if args.only:
+            plan = {k: v for k, v in plan.items() if k in args.only.split(",")}
         for name, variants in plan.items():
             path = build(name, args.models)
             runs = {v: isolated("accuracy", path, True, kw) for v, kw in variants.items()}
@@ -330,7 +337,7 @@ def main() -> None:
         for name in names:
             path = build(name, args.models)
             entry = report["models"].setdefault(name, {})
-            heads = {"bf16": {}, "oracle": ORACLE, "fp32": FP32, "fp8": FP8}
+            heads = HEADS
             extra = DUMMY_KW if MODELS[name].get("dummy") else {}
             if extra and args.batch > 64:  # graphs for the large batch too
                 sizes = [*extra["compilation_config"]["cudagraph_capture_sizes"], args.batch]
@@ -341,7 +348,7 @@ def main() -> None:
                 seen[v] = seen.get(v, 0) + 1
                 key = f"throughput_{v}" + (f"_run{seen[v]}" if seen[v] > 1 else "")
                 entry[key] = isolated("throughput", path, False, {**heads[v], **extra}, profile=args.profile,
-                                     n_seqs=args.batch)
+                                     n_seqs=args.batch, repeats=args.repeats)
                 print(name, key, json.dumps(entry[key]), flush=True)
                 with open(out_json, "w") as f:
                     json.dump(report, f, indent=1)

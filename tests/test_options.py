@@ -22,7 +22,7 @@ def test_valid():
     [
         ("float32", "must be a JSON object"),
         ({"logit_dtype": "float32"}, r"unknown key\(s\) \['logit_dtype'\]; allowed: \['logits_dtype', 'tied'\]"),
-        ({"logits_dtype": "bfloat16"}, r"must be one of \['auto', 'float32'\]"),
+        ({"logits_dtype": "bfloat16"}, r"must be one of \['auto', 'float32', 'model'\]"),
         ({"tied": True}, r"must be one of \['keep', 'quantize'\]"),
     ],
 )

@@ -189,7 +189,24 @@ def test_logprob_mismatch_metrics():
     assert m["rms"] == m["max_abs"] == m["k3"] == 0.0 and m["pearson"] == pytest.approx(1.0)
     r = torch.tensor([0.1, -0.2], dtype=torch.float64)
     m = logprob_mismatch(r - 1, [-1.0, -1.0])
-    assert m["k3"] == pytest.approx((torch.exp(r) - 1 - r).mean().item(), rel=1e-6)
+    assert m["k3"] == pytest.approx((torch.exp(-r) - 1 + r).mean().item(), rel=1e-6)
+
+
+def test_k3_estimates_kl_infer_train_on_engine_samples():
+    """k3 on tokens sampled from the inference distribution converges to KL(infer || train), computed directly on
+    a small discrete distribution (and not to the reverse KL, which the pre-2026-11-30 formula estimated)."""
+    infer = torch.tensor([0.70, 0.20, 0.05, 0.05], dtype=torch.float64)
+    train = torch.tensor([0.40, 0.30, 0.20, 0.10], dtype=torch.float64)
+    kl_infer_train = (infer * (infer / train).log()).sum().item()  # 0.2067...
+    kl_train_infer = (train * (train / infer).log()).sum().item()  # 0.2444...
+    samples = torch.multinomial(infer, 400_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    m = logprob_mismatch(infer.log()[samples], train.log()[samples])
+    # Standard error of the mean here is ~0.0006; the two KLs differ by 0.038.
+    assert m["k3"] == pytest.approx(kl_infer_train, abs=0.004)
+    assert abs(m["k3"] - kl_train_infer) > 0.03
+    # Exactly: the expectation of k3 under infer is KL(infer || train).
+    r = infer.log() - train.log()
+    assert (infer * (torch.exp(-r) - 1 + r)).sum().item() == pytest.approx(kl_infer_train, rel=1e-12)
     assert m["rms"] == pytest.approx(math.sqrt(0.025), rel=1e-6)
 
 

@@ -1,5 +1,5 @@
 """RL weight updates pushed into a running engine reach the head at once: the fp32 head reads the live weight, the
-FP8 head is re-quantized from the new weights in place. After the updates the engine's logprobs are bitwise equal
+FP8/INT8 heads are re-quantized from the new weights in place. After the updates the engine's logprobs are bitwise equal
 to a fresh engine loaded with the final weights, and the head's storage neither moves nor grows."""
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ CASES = {
     "fp32-untied": ("bf16_last_layer_fp32", False, {}),
     "fp8-untied": ("fp8_lm_head", False, {}),
     "fp8-tied-quantize": ("fp8_lm_head", True, QUANTIZE_TIED),
+    "int8-untied": ("int8_lm_head", False, {}),
+    "int8-tied-quantize": ("int8_lm_head", True, QUANTIZE_TIED),
 }
 
 

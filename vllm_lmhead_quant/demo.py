@@ -1,11 +1,11 @@
-"""The main job on a built-in tiny model: the same prompts through four LM heads, logprobs side by side.
+"""The main job on a built-in tiny model: the same prompts through five LM heads, logprobs side by side.
 
     python -m vllm_lmhead_quant.demo [--arch llama] [--tied]
 
 No download and no GPU: the tiny checkpoint and its tokenizer are built offline (vllm_lmhead_quant.tiny). Runs
 vLLM's bf16 head, ``--quantization bf16_last_layer_fp32``, vLLM's own ``hf_overrides={"head_dtype": "float32"}``
-(the oracle) and ``--quantization fp8_lm_head``, then prints per-token logprobs and error summaries against the
-oracle. Exit status 1 if bf16_last_layer_fp32 is not bitwise equal to the oracle.
+(the oracle), ``--quantization int8_lm_head`` and ``--quantization fp8_lm_head``, then prints per-token logprobs
+and error summaries against the oracle (``python -m vllm_lmhead_quant.parity smollm2`` does this on a real model). Exit status 1 if bf16_last_layer_fp32 is not bitwise equal to the oracle.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ VARIANTS = {
     "bf16 head (vLLM default)": {},
     "bf16_last_layer_fp32": {"quantization": "bf16_last_layer_fp32"},
     'oracle: head_dtype="float32"': {"hf_overrides": {"head_dtype": "float32"}},
+    "int8_lm_head": {"quantization": "int8_lm_head"},
     "fp8_lm_head": {"quantization": "fp8_lm_head"},
 }
 
@@ -69,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     names = list(results)
     for p, prompt in enumerate(PROMPTS):
         print(f"prompt {p}: {prompt!r}")
-        print("  " + "".join(f"{n[:28]:>30}" for n in names))
+        print("  " + "".join(f"{n[:26]:>28}" for n in names))
         for i in range(len(results[names[0]][p])):
             cells = [f"{results[n][p][i][0]!r:>10} {results[n][p][i][1]:>+.8f}" for n in names]
-            print("  " + "".join(f"{c:>30}" for c in cells))
+            print("  " + "".join(f"{c:>28}" for c in cells))
         print()
 
     oracle = results[names[2]]
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     exact = results["bf16_last_layer_fp32"] == oracle
     print(f"bf16_last_layer_fp32 bitwise equal to the head_dtype oracle: {exact}")
-    for name in (names[0], names[3]):
+    for name in (names[0], "int8_lm_head", "fp8_lm_head"):
         rms, mx = errors(name)
         print(f"{name:>28} vs oracle: RMS {rms:.2e} nats, max {mx:.2e} nats (same-token steps)")
     return 0 if exact else 1

@@ -6,8 +6,9 @@ no kernel (CPU, XPU, batch-invariant mode) the operands are upcast for the call,
 two bf16 values is representable in fp32. These are the same ops as vLLM's ``head_dtype=float32`` path
 (``LogitsProcessor._apply_head``), so results are bitwise equal to it.
 
-``fp8_logits``: weight-only FP8. e4m3 values convert exactly to bf16/fp16, so the activation stays in its
-dtype, products accumulate in fp32 and the per-row scale is applied to the fp32 result; one rounding at the end.
+``quantized_logits``: weight-only FP8 or INT8 (``quant.py``). e4m3 and int8 values convert exactly to bf16/fp16, so
+the activation stays in its dtype, products accumulate in fp32 and the per-row scale is applied to the fp32 result;
+one rounding at the end.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Vocab rows dequantized per step on the generic FP8 path: bounds the transient to
-# FP8_CHUNK_ROWS x hidden x 2 bytes (32 MiB at hidden 4096) instead of a full bf16 copy of the head.
-FP8_CHUNK_ROWS = 4096
+# Vocab rows converted per step on the generic (non-Triton) path: bounds the transient to
+# CHUNK_ROWS x hidden x 2 bytes (32 MiB at hidden 4096) instead of a full bf16 copy of the head.
+CHUNK_ROWS = 4096
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -44,7 +45,7 @@ def fp32_logits(
     )
 
 
-def fp8_logits(
+def quantized_logits(
     x: torch.Tensor,
     q: torch.Tensor,
     scale: torch.Tensor,
@@ -52,24 +53,24 @@ def fp8_logits(
     *,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``(x @ dequant(q, scale).T (+ bias))`` with weight-only FP8 numerics, output in ``out_dtype``.
+    """``(x @ dequant(q, scale).T (+ bias))`` with weight-only numerics (``q`` FP8 or INT8), in ``out_dtype``.
 
-    CUDA with Triton: one fused kernel reads the FP8 weight once (the fast path). Elsewhere: vocab chunks are
+    CUDA with Triton: one fused kernel reads the quantized weight once (the fast path). Elsewhere: vocab chunks are
     converted to the activation dtype (exact) and multiplied with fp32 accumulation; never a full copy.
     """
     out_dtype = out_dtype or x.dtype
     if x.is_cuda:
-        from vllm_lmhead_quant.kernels import fp8_triton
+        from vllm_lmhead_quant.kernels import weight_only
 
-        if fp8_triton.is_supported(x):  # keeps x's leading dims
+        if weight_only.is_supported(x):  # keeps x's leading dims
             if bias is None:
-                return fp8_triton.fp8_weight_only_mm(x, q, scale, out_dtype)
-            out = fp8_triton.fp8_weight_only_mm(x, q, scale, torch.float32)
+                return weight_only.weight_only_mm(x, q, scale, out_dtype)
+            out = weight_only.weight_only_mm(x, q, scale, torch.float32)
             return (out + bias.to(torch.float32)).to(out_dtype)
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape[0], q.shape[0], dtype=out_dtype, device=x.device)
-    for start in range(0, q.shape[0], FP8_CHUNK_ROWS):
-        stop = min(start + FP8_CHUNK_ROWS, q.shape[0])
+    for start in range(0, q.shape[0], CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, q.shape[0])
         part = _mm_fp32(flat, q[start:stop].to(flat.dtype)) * scale[start:stop]
         if bias is not None:
             part = part + bias[start:stop].to(torch.float32)

@@ -4,8 +4,8 @@ Why ``additional_config``: it is vLLM's documented place for plugin settings, it
 process with the VllmConfig, and it is part of the config hash. Env vars were rejected upstream for this
 kind of switch (vLLM #23810) and ``--quantization-config`` cannot be combined with a custom method name.
 
-    vllm serve MODEL --quantization fp8_lm_head \
-        --additional-config '{"lm_head_quant": {"logits_dtype": "float32", "tied": "quantize"}}'
+    vllm serve MODEL --quantization int8_lm_head \
+        --additional-config '{"lm_head_quant": {"logits_dtype": "model", "tied": "quantize"}}'
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 KEY = "lm_head_quant"
 _CHOICES = {
-    # fp8_lm_head only: dtype of the logits the head returns ("auto" = the model dtype, vLLM's default).
-    "logits_dtype": ("auto", "float32"),
-    # fp8_lm_head only: what to do when the head shares its table with the input embeddings.
-    # "keep": leave the shared table in bf16 (warns once). "quantize": store the shared table in FP8 once and
-    # dequantize embedding rows on lookup (input embeddings then carry FP8 rounding).
+    # Quantized heads only: dtype of the logits ("auto" = "float32"; "model" = the model dtype, vLLM's usual).
+    "logits_dtype": ("auto", "float32", "model"),
+    # Quantized heads only: what to do when the head shares its table with the input embeddings.
+    # "keep": leave the shared table in bf16 (warns once). "quantize": store the shared table quantized once and
+    # dequantize embedding rows on lookup (input embeddings then carry its rounding).
     "tied": ("keep", "quantize"),
 }
 

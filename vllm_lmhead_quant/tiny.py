@@ -25,7 +25,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from types import MappingProxyType
@@ -367,22 +367,27 @@ def _is_complete(path: Path) -> bool:
 def cached_model(arch: str, *, tied: bool | None = None, root: str | Path | None = None, **kw: Any) -> Path:
     """``build_model`` once into ``root/<arch>-<tied|untied>-<hash>`` and reuse it afterwards.
 
-    ``root`` defaults to ``~/.cache/vllm_lmhead_quant/tiny``. The model is built in a temporary sibling
-    directory, the marker file is written last, and the directory is renamed into place, so a crashed build
-    is never reused and concurrent builders (e.g. pytest-xdist workers) do not see half-written files.
+    ``root`` defaults to ``~/.cache/vllm_lmhead_quant/tiny`` (see :func:`build_once`).
     """
     tied = _resolve_tied(arch, tied)
     key = _cache_key(arch, tied, kw)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     base = Path(root) if root is not None else _default_root()
     target = base / f"{arch}-{'tied' if tied else 'untied'}-{digest}"
+    return build_once(target, lambda out: build_model(arch, out, tied=tied, **kw), key)
+
+
+def build_once(target: Path, build: Callable[[Path], Any], key: dict[str, Any]) -> Path:
+    """``build(dir)`` into ``target`` unless a complete build is there. Built in a temporary sibling directory, the
+    marker file (holding ``key``) written last, then renamed into place, so a crashed build is never reused and
+    concurrent builders (e.g. pytest-xdist workers) do not see half-written files."""
     if _is_complete(target):
         return target
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it owner-only; the renamed cache entry should read like any other dir
     try:
-        build_model(arch, tmp, tied=tied, **kw)
+        build(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
         _move_into_place(tmp, target)
     finally:
@@ -441,7 +446,7 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, quanti
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vllm_lmhead_quant.fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
+    from vllm_lmhead_quant.quant import FP8, quantize_rows
 
     if scheme not in QUANTIZED_SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(QUANTIZED_SCHEMES)}")
@@ -463,8 +468,8 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, quanti
             out[name] = (w.float() / scale).round().clamp(-127, 127).to(torch.int8)
             out[scale_name] = scale.to(w.dtype)
         else:  # vllm-fp8: one scale per tensor
-            scale = (w.float().abs().amax() / FP8_MAX).clamp_min(1e-12)
-            out[name] = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            scale = (w.float().abs().amax() / FP8.qmax).clamp_min(1e-12)
+            out[name] = (w.float() / scale).clamp(-FP8.qmax, FP8.qmax).to(FP8.dtype)
             out[scale_name] = scale.reshape(1)
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((dst / "config.json").read_text())

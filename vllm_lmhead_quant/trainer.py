@@ -221,8 +221,10 @@ def logprob_mismatch(logp_infer, logp_train) -> dict[str, float]:
     """Trainer/inference disagreement on the same tokens, in nats.
 
     ``r = logp_infer - logp_train`` per token; returns RMS(r), max |r|, the Pearson correlation of the two
-    logprob series, and ``k3 = mean(exp(r) - 1 - r)``: prime-rl's "mismatch KL", the k3 estimator of
-    KL(infer || train) on tokens sampled from the inference engine (>= 0, about mean(r^2)/2 for small r).
+    logprob series, and ``k3 = mean(exp(-r) - 1 + r)``: the "mismatch KL" of RL stacks, Schulman's k3 estimator of
+    KL(infer || train) = E_infer[log infer - log train] on tokens sampled from the inference engine. With the ratio
+    rho = train / infer = exp(-r), k3 = (rho - 1) - log rho: unbiased (E_infer[rho] = 1) and >= 0, about
+    mean(r^2)/2 for small r. (Until 2026-11-30 this read mean(exp(r) - 1 - r), the estimator of the reverse KL.)
     """
     infer = torch.as_tensor(logp_infer, dtype=torch.float64).flatten()
     train = torch.as_tensor(logp_train, dtype=torch.float64).flatten()
@@ -233,5 +235,5 @@ def logprob_mismatch(logp_infer, logp_train) -> dict[str, float]:
         "rms": r.square().mean().sqrt().item(),
         "max_abs": r.abs().max().item(),
         "pearson": pearson,
-        "k3": (torch.expm1(r) - r).mean().item(),
+        "k3": (torch.expm1(-r) + r).mean().item(),
     }

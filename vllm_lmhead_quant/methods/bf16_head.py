@@ -1,8 +1,8 @@
 """Heads that stay exactly as vLLM builds them, for two cases where changing them would be wrong.
 
-``TiedBF16HeadMethod``: ``fp8_lm_head`` on a model whose head shares its table with the input embeddings.
-Quantizing only the head would *add* V x H bytes (an FP8 copy next to the bf16 table: ROCm #1238), and quantizing
-the shared table changes input embeddings, so that is opt-in. The default keeps bf16 and says so once.
+``TiedBF16HeadMethod``: ``fp8_lm_head`` or ``int8_lm_head`` on a model whose head shares its table with the input
+embeddings. Quantizing only the head would *add* V x H bytes (a one-byte copy next to the bf16 table: ROCm #1238),
+and quantizing the shared table changes input embeddings, so that is opt-in. The default keeps bf16 and says so once.
 
 ``HeadProbeMethod``: given to an input embedding before we know whether the model will build a separate head.
 If the model later builds a ``ParallelLMHead`` through the quantization config, the config swaps the embedding
@@ -26,21 +26,23 @@ class HeadNotBoundError(RuntimeError):
 
 
 class TiedBF16HeadMethod(UnquantizedEmbeddingMethod):
-    def __init__(self, prefix: str = "", architecture: str = "?"):
+    def __init__(self, prefix: str = "", architecture: str = "?", method_name: str = "fp8_lm_head"):
         super().__init__()
         self.prefix = prefix
         self.architecture = architecture
+        self.method_name = method_name
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         super().process_weights_after_loading(layer)
         _log.once(
             logging.WARNING,
             ("tied-bf16", id(layer)),
-            "%s ties '%s' to the input embeddings, so fp8_lm_head keeps that shared table in %s (0 bytes "
-            "saved). To store it in FP8 once for both uses (input embeddings then carry FP8 rounding), pass "
+            "%s ties '%s' to the input embeddings, so %s keeps that shared table in %s (0 bytes saved). To "
+            "store it quantized once for both uses (input embeddings then carry its rounding), pass "
             '--additional-config \'{"lm_head_quant": {"tied": "quantize"}}\'.',
             self.architecture,
             self.prefix,
+            self.method_name,
             str(layer.weight.dtype).removeprefix("torch."),
         )
 

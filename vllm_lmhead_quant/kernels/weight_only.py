@@ -1,11 +1,17 @@
-"""Weight-only FP8 LM-head GEMM for CUDA (Hopper/Ada): ``y = (x @ q.T) * scale`` in one Triton kernel.
+"""Weight-only FP8/INT8 LM-head GEMM for CUDA (Hopper/Ada): ``y = (x @ q.T) * scale`` in one Triton kernel.
 
-Why a kernel of our own: at decode the head GEMM is a pure weight stream (V x H bytes), so an FP8 weight
+Why a kernel of our own: at decode the head GEMM is a pure weight stream (V x H bytes), so a one-byte weight
 halves the bytes only if nothing re-materializes it in bf16. ``torch._scaled_mm`` would need the *activation*
 in FP8 too (w8a8), which costs ~0.1 nats of logprob error; dequantizing per call costs 8x the bf16 GEMM. Here
 each FP8 tile is converted to the activation dtype in registers (e4m3 -> bf16/fp16 is exact: 3 mantissa bits,
 exponent range inside both), multiplied on the 16-bit tensor cores with fp32 accumulation, and the per-row
 fp32 scale is applied to the fp32 accumulator in the epilogue. One rounding, at the final store.
+
+INT8 weights (``q`` int8, same layout and scales) take the same kernels; only the tile conversion differs. Triton's
+plain int8 -> bf16 convert is three scalar instructions per weight, which made the INT8 head 0.81-0.88x bf16 at
+decode on an H200 against FP8's 0.56-0.66x. :func:`_int8_to_fp16` / :func:`_int8_to_bf16` convert four packed
+weights at a time with byte permutes and one subtraction per pair or element, the "magic number" trick of the
+mixed-input GEMMs (FasterTransformer, CUTLASS): exact, since every int8 is representable in both 16-bit types.
 
 Layout: the kernel computes the transposed product ``y.T[n, m] = sum_k q[n, k] * x[m, k]`` ("swap AB"): the
 vocab dimension fills the 64-row side of Hopper's wgmma, so a decode batch of 1..16 tokens pads only the
@@ -17,7 +23,7 @@ strides) the same math runs with pointer loads. Most table rows use *fp16 math*:
 in one instruction but has no e4m3 -> bf16 convert (Triton emits three), and once the GEMM is compute-bound that
 conversion is the bottleneck. A small pre-pass scales each bf16 activation row by a power of two into fp16
 (exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16 path's (tested),
-at 0.54-0.55x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) (docs/bench/head_gemm.md).
+at 0.54-0.55x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) (docs/bench/head_gemm_h100.md).
 
 Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``);
 there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
@@ -49,6 +55,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     HAS_TRITON = False
 
 FP8_DTYPE = torch.float8_e4m3fn
+Q_DTYPES = (FP8_DTYPE, torch.int8)  # the weight formats of quant.py
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -74,7 +81,7 @@ class KernelConfig(NamedTuple):
 # hidden >= 2560 and 11% with bf16 math at hidden 1024). Decode sizes win with TMA loads; fp16 math wins wherever
 # its pre-pass launch is hidden (see _FP16_MIN_K): by 1-3% at M <= 16, 10-30% from M = 64 on. From M ~ 256 on the
 # GEMM is compute-bound and the kernel is behind cuBLAS bf16 (1.03-1.09x at M = 256, 1.16-1.39x at M = 2048).
-# Tried there and not shipped (docs/bench/head_gemm.md): a persistent schedule (one program per SM walking the
+# Tried there and not shipped (docs/bench/head_gemm_h100.md): a persistent schedule (one program per SM walking the
 # tiles) as a nested tile/K loop, 4-9% faster, but Triton 3.6 miscompiled it for 64-wide K tiles (garbage
 # logits); as one flat loop it was correct and slower. Also flattened loops, TMA stores, Triton's warp
 # specialization (faults on Hopper in 3.6) and dequantize-chunks-then-cuBLAS.
@@ -87,6 +94,15 @@ _CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (
     (1 << 62, KernelConfig(256, 128, 128, 8, 3, tma=True, fp16_math=True)),
 )
 # </tuned-table>
+# INT8 weights use the table above except in these rows (by the row's max M), measured on an H200 (Triton 3.6,
+# benchmarks/bench_head_gemm.py --tune --tune-format int8, docs/bench/head_gemm.md). M > 128: the FP8 row's
+# 256 x 128 x 128, 3-stage schedule gives wrong INT8 results (Triton 3.6 miscompiles it: its bf16-math FP8 twin is
+# wrong too, benchmarks/diag_int8.py); the 128 x 256 tile is the fastest correct one. M <= 128: bf16 math, whose
+# INT8 convert is cheap, 0.99x bf16 against 1.10-1.13x for the FP8 row.
+_INT8_ROWS: dict[int, KernelConfig] = {
+    128: KernelConfig(128, 128, 64, 8, 4, tma=True),
+    1 << 62: KernelConfig(128, 256, 128, 8, 3, tma=True, fp16_math=True),
+}
 # Below this many vocab tiles the GPU is under-filled (132 SMs on H100): halve block_n for small TP shards.
 _MIN_TILES = 264
 # fp16 math costs a second launch (~30 us of host time). Below this hidden size a GEMM of M <= 128 tokens takes
@@ -95,21 +111,25 @@ _MIN_TILES = 264
 _FP16_MIN_K = 2048
 
 
-def pick_config(m: int, n: int, k: int) -> KernelConfig:
-    """The table's config for ``m`` tokens; ``block_n`` halved (to >= 32) while ``n`` gives too few tiles."""
+def pick_config(m: int, n: int, k: int, q_dtype: torch.dtype = FP8_DTYPE) -> KernelConfig:
+    """The table's config for ``m`` tokens and the weight format; ``block_n`` halved (to >= 32) while ``n`` gives
+    too few tiles."""
     global _PICKED_FOR
     if _PICKED_FOR is not _CONFIG_TABLE or len(_PICKED) > 4096:  # memo per table (benchmarks swap it)
         _PICKED.clear()
         _PICKED_FOR = _CONFIG_TABLE
-    cfg = _PICKED.get((m, n, k))
+    key = (m, n, k, q_dtype)
+    cfg = _PICKED.get(key)
     if cfg is None:
-        cfg = next(c for max_m, c in _CONFIG_TABLE if m <= max_m)
+        max_m, cfg = next((max_m, c) for max_m, c in _CONFIG_TABLE if m <= max_m)
+        if q_dtype == torch.int8:
+            cfg = _INT8_ROWS.get(max_m, cfg)
         block_n = cfg.block_n
         m_tiles = -(-m // cfg.block_m)
         while block_n > 32 and m_tiles * -(-n // block_n) < _MIN_TILES:
             block_n //= 2
         fp16_math = cfg.fp16_math and (k >= _FP16_MIN_K or m > 128)
-        cfg = _PICKED[(m, n, k)] = cfg._replace(block_n=block_n, fp16_math=fp16_math)
+        cfg = _PICKED[key] = cfg._replace(block_n=block_n, fp16_math=fp16_math)
     return cfg
 
 
@@ -129,24 +149,84 @@ def _device_capability(t: torch.Tensor) -> tuple[int, int]:
 
 
 def is_supported(x: torch.Tensor, q: torch.Tensor | None = None) -> bool:
-    """True if the Triton kernel can run on ``x`` (and ``q`` if given): CUDA, Triton, SM >= 8.9, bf16/fp16 x.
+    """True if the Triton kernel can run on ``x`` (and ``q`` if given): CUDA, Triton, SM >= 8.9, bf16/fp16 x,
+    an FP8 or INT8 ``q`` on x's device.
 
-    SM 8.9 (Ada) is the first architecture whose Triton backend converts e4m3 in hardware.
+    SM 8.9 (Ada) is the first architecture whose Triton backend converts e4m3 in hardware. INT8 needs no FP8
+    hardware, but the tuned table's shared memory is Hopper's; other architectures take the chunked path for now.
     """
     if not (HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in _ACT_DTYPES):
         return False
     if torch.version.hip is not None:  # the e4m3fn (OCP) format is not what ROCm's Triton path expects
         return False
-    if q is not None and (q.dtype != FP8_DTYPE or q.device != x.device):
+    if q is not None and (q.dtype not in Q_DTYPES or q.device != x.device):
         return False
     return _device_capability(x) >= (8, 9)
 
 
 if HAS_TRITON:
+    # The int8 tile reaches registers in the 16-bit dot operand's layout: each thread holds pairs of weights adjacent
+    # in K (one 16-bit shared-memory load each), so the converters take two weights at a time (pack=2, a 16-bit
+    # input register) and return them as one 32-bit register of two 16-bit values.
+    @triton.jit
+    def _int8_to_fp16(w):
+        # Put each byte under the fp16 pattern 0x64 (the value 1024 + byte), flip the bytes' sign bits (so the
+        # value is 1152 + q), subtract 1152: 3 instructions per pair, exact.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 u, c;
+            cvt.u32.u16 u, $1;
+            mov.b32 c, 0x64646464;
+            prmt.b32 u, u, c, 0x4140;
+            xor.b32 u, u, 0x00800080;
+            mov.b32 c, 0x64806480;
+            sub.f16x2 $0, u, c;
+            }""",
+            constraints="=r,h",
+            args=[w],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=2,
+        )
+
+    @triton.jit
+    def _int8_to_bf16(w):
+        # bf16 has too few mantissa bits for the fp16 trick: build the fp32 values 2^23 + (q + 128), subtract
+        # 2^23 + 128, and keep each exact result's upper half (an int8 has at most 8 significant bits).
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 u, c, f0, f1;
+            cvt.u32.u16 u, $1;
+            xor.b32 u, u, 0x8080;
+            mov.b32 c, 0x4B000000;
+            prmt.b32 f0, u, c, 0x7650;
+            prmt.b32 f1, u, c, 0x7651;
+            sub.f32 f0, f0, 0f4B000080;
+            sub.f32 f1, f1, 0f4B000080;
+            prmt.b32 $0, f0, f1, 0x7632;
+            }""",
+            constraints="=r,h",
+            args=[w],
+            dtype=tl.bfloat16,
+            is_pure=True,
+            pack=2,
+        )
+
+    @triton.jit
+    def _to_act(w, act_dtype: tl.constexpr):
+        """A weight tile in the activation dtype, exactly (e4m3 and int8 both fit in bf16 and fp16)."""
+        if w.dtype == tl.int8:
+            if act_dtype == tl.float16:
+                return _int8_to_fp16(w)
+            else:
+                return _int8_to_bf16(w)
+        else:
+            return w.to(act_dtype)
+
     # M is not specialized (Triton would otherwise compile M == 1 and M % 16 == 0 variants): one binary per
     # config serves every M of its bucket, so a warm-up with any M covers CUDA-graph capture of the others.
     @triton.jit(do_not_specialize=["M"])
-    def _fp8_wo_kernel(
+    def _wo_kernel(
         x_ptr,
         q_ptr,
         s_ptr,
@@ -199,8 +279,8 @@ if HAS_TRITON:
                 else:
                     w = tl.load(q_ptrs, mask=rk[:, None] < k_left, other=0.0)
                     xa = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            # e4m3 -> bf16/fp16 is exact; the dot accumulates in fp32.
-            acc = tl.dot(w.to(act_dtype), xa, acc) if SWAP_AB else tl.dot(xa, w.to(act_dtype), acc)
+            # e4m3/int8 -> bf16/fp16 is exact; the dot accumulates in fp32.
+            acc = tl.dot(_to_act(w, act_dtype), xa, acc) if SWAP_AB else tl.dot(xa, _to_act(w, act_dtype), acc)
             q_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         s = tl.load(s_ptr + rn_ld)
@@ -220,7 +300,7 @@ if HAS_TRITON:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["M"])
-    def _fp8_wo_tma_kernel(
+    def _wo_tma_kernel(
         x_desc,
         q_desc,
         s_ptr,
@@ -236,7 +316,7 @@ if HAS_TRITON:
         SWAP_AB: tl.constexpr,
         TOKEN_SCALE: tl.constexpr,
     ):
-        # Same math as _fp8_wo_kernel; tiles arrive by TMA (one instruction per tile, 128-byte swizzled, no
+        # Same math as _wo_kernel; tiles arrive by TMA (one instruction per tile, 128-byte swizzled, no
         # per-thread address math). Out-of-range rows and the K tail are zero-filled by the copy engine.
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -250,7 +330,7 @@ if HAS_TRITON:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            w = q_desc.load([off_n, kb * BLOCK_K]).to(act_dtype)
+            w = _to_act(q_desc.load([off_n, kb * BLOCK_K]), act_dtype)
             xa = x_desc.load([off_m, kb * BLOCK_K])
             acc = tl.dot(w, xa.T, acc) if SWAP_AB else tl.dot(xa, w.T, acc)
         rm = off_m + tl.arange(0, BLOCK_M)
@@ -300,7 +380,7 @@ def _to_fp16_pow2(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row's max (fp16 keeps bf16's 8-bit significand down to 2^-17), products with e4m3 stay exact in fp32, and
     the fp32 sums are the bf16 path's sums times 2^p; the epilogue multiplies by 2^-p after the per-row scale.
     So results equal the bf16 path's except for elements below 2^-31 of their row's max, whose lost low bits
-    are far below fp32 accumulation error (tests/test_fp8_kernel_cuda.py checks bitwise equality).
+    are far below fp32 accumulation error (tests/test_kernel_cuda.py checks bitwise equality).
     """
     m, k = x2.shape
     x16 = torch.empty((m, k), dtype=torch.float16, device=x2.device)
@@ -316,7 +396,7 @@ def _to_fp16_pow2(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # CUDA graphs). The key holds everything the binder specializes on (dtypes, exact ints, 16-byte alignment of every
 # pointer, the constexprs), so a cached binary only ever runs with arguments it was compiled for. Uses
 # ``CompiledKernel[grid](*args)``, whose calling convention (3-d grid, constexprs passed positionally) is the
-# one of Triton 3.6, where it was validated (tests/test_fp8_kernel_cuda.py); other versions launch the plain way.
+# one of Triton 3.6, where it was validated (tests/test_kernel_cuda.py); other versions launch the plain way.
 FAST_LAUNCH = HAS_TRITON and triton.__version__.startswith("3.6.")
 _COMPILED: dict = {}
 
@@ -335,7 +415,7 @@ def _is_sm90(t: torch.Tensor) -> bool:
     return _device_capability(t) >= (9, 0)
 
 
-def fp8_weight_only_mm(
+def weight_only_mm(
     x: torch.Tensor,
     q: torch.Tensor,
     scale: torch.Tensor,
@@ -346,14 +426,14 @@ def fp8_weight_only_mm(
     """``y[m, n] = scale[n] * sum_k x[m, k] * float(q[n, k])`` with fp32 accumulation, shape ``[M, N]``.
 
     ``x``: ``[M, K]`` bf16/fp16 CUDA (leading dims are flattened, the result keeps them); ``q``: ``[N, K]``
-    float8_e4m3fn; ``scale``: ``[N]`` fp32; ``out_dtype``: bf16/fp16/fp32, default ``x.dtype``. ``config``
+    float8_e4m3fn or int8; ``scale``: ``[N]`` fp32; ``out_dtype``: bf16/fp16/fp32, default ``x.dtype``. ``config``
     overrides the tuned table (benchmarks and tests only). Graph-capturable once each config has compiled:
     the only allocation is the output.
     """
     if not HAS_TRITON:
-        raise RuntimeError("fp8_weight_only_mm needs triton; check is_supported() first")
+        raise RuntimeError("weight_only_mm needs triton; check is_supported() first")
     out_dtype = out_dtype or x.dtype
-    if x.dtype not in _ACT_DTYPES or q.dtype != FP8_DTYPE or out_dtype not in _OUT_DTYPES:
+    if x.dtype not in _ACT_DTYPES or q.dtype not in Q_DTYPES or out_dtype not in _OUT_DTYPES:
         raise TypeError(f"unsupported dtypes x={x.dtype} q={q.dtype} out={out_dtype}")
     if q.dim() != 2 or x.shape[-1] != q.shape[1] or scale.numel() != q.shape[0]:
         shapes = f"x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}"
@@ -371,13 +451,13 @@ def fp8_weight_only_mm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:
         return _like_x(y.zero_() if k == 0 else y, x)
-    _gemm(x2, q, scale, y, config or pick_config(m, n, k))
+    _gemm(x2, q, scale, y, config or pick_config(m, n, k, q.dtype))
     return _like_x(y, x)
 
 
 def _gemm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, cfg: KernelConfig) -> None:
-    """``y = (x2 @ q.T) * scale`` with validated, non-empty 2-D operands (``q`` FP8, or fp16 for the benchmark's
-    no-conversion ceiling)."""
+    """``y = (x2 @ q.T) * scale`` with validated, non-empty 2-D operands (``q`` FP8 or INT8, or fp16 for the
+    benchmark's no-conversion ceiling)."""
     (m, k), n = x2.shape, q.shape[0]
     grid0 = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # (triton.cdiv costs ~3 us a call in Triton 3.6)
     token_scale = cfg.fp16_math and x2.dtype == torch.bfloat16
@@ -391,12 +471,12 @@ def _gemm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tenso
     tma = cfg.tma and aligned[0] and aligned[1] and sx % 8 == 0 and (sq * q.element_size()) % 16 == 0
     tma = tma and _is_sm90(x2)
     if tma:
-        kernel = _fp8_wo_tma_kernel
+        kernel = _wo_tma_kernel
         x_desc = TensorDescriptor(x2, [m, k], [sx, 1], [cfg.block_m, cfg.block_k])
         q_desc = TensorDescriptor(q, [n, k], [sq, 1], [cfg.block_n, cfg.block_k])
         args = (x_desc, q_desc, scale, tscale, y, m, n, n, k)
     else:
-        kernel = _fp8_wo_kernel
+        kernel = _wo_kernel
         args = (x2, q, scale, tscale, y, m, n, k, sx, sq, n)
         consts["EVEN_K"] = k % cfg.block_k == 0
     consts["TOKEN_SCALE"] = token_scale

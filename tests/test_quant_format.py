@@ -1,0 +1,99 @@
+"""The format helper (quant.quantize_rows / dequantize_rows) for FP8 and INT8, against fp64, edge rows included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_lmhead_quant.quant import FORMATS, FP8, INT8, MIN_SCALE, dequantize_rows, quantize_rows, quantized_bytes
+
+E4M3_HALF_ULP = 2.0**-4  # 3 mantissa bits: relative rounding error of a normal value is at most 2^-4
+E4M3_HALF_SUBNORMAL = 2.0**-10  # smallest subnormal is 2^-9
+
+
+def _check_roundtrip(w: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """Each element is its scaled value rounded to the nearest point of the format's grid."""
+    ref = w.double() / scale.double()[:, None]  # exact scaled value
+    got = q.double()
+    if q.dtype == INT8.dtype:
+        # round to nearest integer, of the fp32 quotient (within 2^-24 * 127 of the exact one)
+        bound = torch.full_like(ref, 0.5 + 1e-5)
+        assert bool((got.abs() <= 127).all())  # symmetric: -128 never appears
+    else:
+        bound = torch.maximum(ref.abs() * E4M3_HALF_ULP, torch.full_like(ref, E4M3_HALF_SUBNORMAL))
+    assert bool(((got - ref).abs() <= bound * (1 + 1e-6) + 1e-6).all())
+    deq = dequantize_rows(q, scale, torch.float64)
+    assert bool(torch.isfinite(deq).all())
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_roundtrip_error_bound(fmt, dtype):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(1000, 256, generator=g) * torch.logspace(-3, 2, 1000)[:, None]).to(dtype)
+    q, scale = quantize_rows(w, fmt, chunk_rows=128)  # several chunks, last one ragged
+    assert q.dtype == fmt.dtype and q.shape == w.shape
+    assert scale.dtype == torch.float32 and scale.shape == (1000,)
+    # Each row's largest magnitude maps to the top of the format's range.
+    assert torch.allclose(q.float().abs().amax(dim=1), torch.full((1000,), fmt.qmax))
+    _check_roundtrip(w, q, scale)
+    rel_rms = ((dequantize_rows(q, scale, torch.float64) - w.double()).norm() / w.double().norm()).item()
+    # Gaussian rows, 256 wide: e4m3 ~0.02; INT8's uniform grid ~amax/127/sqrt(12) per element ~0.008.
+    assert rel_rms < {"fp8": 0.03, "int8": 0.012}[fmt.name], rel_rms
+
+
+def test_int8_is_more_accurate_than_fp8_on_gaussian_rows():
+    """The reason int8_lm_head exists: the same byte per weight, a uniform grid beats 3 mantissa bits on rows whose
+    values are bell-shaped (docs/accuracy.md has the real-model numbers)."""
+    w = torch.randn(4096, 576, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    errors = {}
+    for fmt in (FP8, INT8):
+        q, scale = quantize_rows(w, fmt)
+        errors[fmt.name] = ((dequantize_rows(q, scale, torch.float64) - w.double()).norm() / w.double().norm()).item()
+    assert errors["int8"] < 0.5 * errors["fp8"], errors
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS)
+def test_zero_and_padding_rows_are_safe(fmt):
+    w = torch.randn(128, 64, dtype=torch.bfloat16)
+    w[5] = 0
+    w[100:] = 0  # vocab padding rows are zero-filled by vLLM's loader
+    q, scale = quantize_rows(w, fmt)
+    assert bool((scale[100:] == MIN_SCALE).all()) and scale[5] == MIN_SCALE
+    deq = dequantize_rows(q, scale)
+    assert bool((deq[100:] == 0).all()) and bool((deq[5] == 0).all())
+    assert bool(torch.isfinite(deq).all())
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS)
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-6, 1e6, 1e30, 3.0e38])
+def test_huge_and_tiny_rows(fmt, magnitude):
+    w = (torch.randn(16, 64, dtype=torch.float64) / 4).clamp(-1, 1) * magnitude
+    w[0, 0] = magnitude  # pin the row maximum
+    w32 = w.float()
+    q, scale = quantize_rows(w32, fmt)
+    assert bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+    _check_roundtrip(w32, q, scale)
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_is_a_clear_error(fmt, bad):
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    w[37, 3] = bad
+    with pytest.raises(
+        ValueError, match=rf"lm_head: row 37 contains NaN or inf; cannot quantize it to {fmt.name.upper()}"
+    ):
+        quantize_rows(w, fmt, name="lm_head")
+
+
+def test_rejects_wrong_shapes_and_dtypes():
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_rows(torch.randn(4, 4, 4))
+    for dtype in (torch.int32, torch.int8, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match="bf16/fp16/fp32"):
+            quantize_rows(torch.zeros(4, 4).to(dtype), INT8)
+
+
+def test_quantized_bytes():
+    assert quantized_bytes(151936, 4096) == 151936 * 4096 + 4 * 151936
