@@ -1,6 +1,6 @@
 """Does a model really use our head methods? A check for users' CI, and the engine of our model matrix.
 
-    python -m vllm_lmhead_quant.check MODEL_DIR [--method bf16_last_layer_fp32 --method int8_lm_head ...] [--engine-args JSON]
+    python -m vllm_lmhead_quant.check MODEL_DIR [--method int8_lm_head ...] [--engine-args JSON]
 
 Loads MODEL_DIR with vLLM without the flag, with vLLM's own fp32 head (``hf_overrides={"head_dtype": "float32"}``,
 the oracle) and with each method, then checks inside the worker that the head got our method and every other module

@@ -5,7 +5,8 @@
 No download and no GPU: the tiny checkpoint and its tokenizer are built offline (vllm_lmhead_quant.tiny). Runs
 vLLM's bf16 head, ``--quantization bf16_last_layer_fp32``, vLLM's own ``hf_overrides={"head_dtype": "float32"}``
 (the oracle), ``--quantization int8_lm_head`` and ``--quantization fp8_lm_head``, then prints per-token logprobs
-and error summaries against the oracle (``python -m vllm_lmhead_quant.parity smollm2`` does this on a real model). Exit status 1 if bf16_last_layer_fp32 is not bitwise equal to the oracle.
+and error summaries against the oracle (``python -m vllm_lmhead_quant.parity smollm2`` does this on a real model).
+Exit status 1 if bf16_last_layer_fp32 is not bitwise equal to the oracle.
 """
 
 from __future__ import annotations
