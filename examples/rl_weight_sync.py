@@ -1,6 +1,7 @@
 """A complete RL-style loop: load, generate with logprobs, push new weights into the running engine, check.
 
-    python examples/rl_weight_sync.py [--method fp8_lm_head|bf16_last_layer_fp32] [--steps 100] [--tied-quantize]
+    python examples/rl_weight_sync.py [--method int8_lm_head|fp8_lm_head|bf16_last_layer_fp32] [--steps 100]
+                                      [--tied-quantize]
 
 Each step a stand-in "trainer" moves the head (new random head/embedding table) and pushes it with
 ``model.load_weights`` inside the worker (``LLM.apply_model``; RL frameworks do the same through ``collective_rpc``
@@ -47,9 +48,9 @@ def logprobs(llm) -> list:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="model dir (default: the built-in tiny Llama)")
-    ap.add_argument("--method", default="fp8_lm_head", choices=["fp8_lm_head", "bf16_last_layer_fp32"])
+    ap.add_argument("--method", default="int8_lm_head", choices=["int8_lm_head", "fp8_lm_head", "bf16_last_layer_fp32"])
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--tied-quantize", action="store_true", help="tied tiny model, FP8 shared table")
+    ap.add_argument("--tied-quantize", action="store_true", help="tied tiny model, one quantized shared table")
     args = ap.parse_args()
 
     import shutil

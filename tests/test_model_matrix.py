@@ -41,8 +41,6 @@ def test_cell(tiny, matrix_results, arch, tied):
     # tied heads stay bf16 unless opted in
     assert fp8.head_dtype == ("torch.bfloat16" if tied else "torch.float8_e4m3fn")
     assert int8.head_dtype == ("torch.bfloat16" if tied else "torch.int8")
-    if not tied:
-        assert int8.errors["rms"] < fp8.errors["rms"], (int8.errors, fp8.errors)
 
 
 def test_tensor_parallel_2(tiny, matrix_results, monkeypatch):

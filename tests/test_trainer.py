@@ -190,6 +190,7 @@ def test_logprob_mismatch_metrics():
     r = torch.tensor([0.1, -0.2], dtype=torch.float64)
     m = logprob_mismatch(r - 1, [-1.0, -1.0])
     assert m["k3"] == pytest.approx((torch.exp(-r) - 1 + r).mean().item(), rel=1e-6)
+    assert m["rms"] == pytest.approx(math.sqrt(0.025), rel=1e-6)
 
 
 def test_k3_estimates_kl_infer_train_on_engine_samples():
@@ -207,7 +208,6 @@ def test_k3_estimates_kl_infer_train_on_engine_samples():
     # Exactly: the expectation of k3 under infer is KL(infer || train).
     r = infer.log() - train.log()
     assert (infer * (torch.exp(-r) - 1 + r)).sum().item() == pytest.approx(kl_infer_train, rel=1e-12)
-    assert m["rms"] == pytest.approx(math.sqrt(0.025), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -29,8 +29,9 @@ ORACLE = {"hf_overrides": {"head_dtype": "float32"}}
 OURS = "vllm_lmhead_quant."
 METHODS = ("bf16_last_layer_fp32", "fp8_lm_head", "int8_lm_head")
 # Quantized-head bounds (RMS, max nats vs the fp32 oracle) for a PASS: e4m3 weight rounding on peaked random heads
-# reaches ~0.15 RMS (docs/gpu-e2e.md), INT8 about 0.4x that; a broken quantizer is off by whole nats.
-BOUNDS = {"fp8_lm_head": (0.25, 1.5), "int8_lm_head": (0.1, 0.6)}
+# reaches ~0.15 RMS (docs/gpu-e2e.md), INT8 about a third of that; a broken quantizer is off by whole nats. The max
+# is the same for both: once a greedy path leaves the oracle's, its sampled steps score other contexts.
+BOUNDS = {"fp8_lm_head": (0.25, 1.5), "int8_lm_head": (0.1, 1.5)}
 
 
 @dataclass

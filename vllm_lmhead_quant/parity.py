@@ -238,7 +238,8 @@ def run_head(name, model, chunks, greedy_prompts, greedy_tokens, ref, engine_arg
 
 def run(model, texts=None, heads=DEFAULT_HEADS, *, chunk_len=512, max_chunks=8, greedy_prompts=4, greedy_tokens=32,
         engine_args=None) -> list[HeadResult]:  # fmt: skip
-    """Every head in ``heads`` (the unflagged ``bf16`` engine always runs first: it provides the reference)."""
+    """Every head in ``heads``, plus the unflagged ``bf16`` engine (always first: it provides the reference) and
+    vLLM's fp32 head (the greedy reference)."""
     from transformers import AutoTokenizer
 
     from vllm_lmhead_quant.real_model import token_chunks
@@ -271,7 +272,7 @@ def run(model, texts=None, heads=DEFAULT_HEADS, *, chunk_len=512, max_chunks=8, 
     for res in results.values():
         res.greedy_total = len(prompts)
         res.greedy_equal = sum(a == b for a, b in zip(continuations[res.head], continuations[GREEDY_REFERENCE]))
-    return [results[h] for h in order if h in heads or h == "bf16"]
+    return [results[h] for h in order]
 
 
 def to_markdown(results: list[HeadResult]) -> str:

@@ -9,9 +9,10 @@ fp32 scale is applied to the fp32 accumulator in the epilogue. One rounding, at 
 
 INT8 weights (``q`` int8, same layout and scales) take the same kernels; only the tile conversion differs. Triton's
 plain int8 -> bf16 convert is three scalar instructions per weight, which made the INT8 head 0.81-0.88x bf16 at
-decode on an H200 against FP8's 0.56-0.66x. :func:`_int8_to_fp16` / :func:`_int8_to_bf16` convert four packed
-weights at a time with byte permutes and one subtraction per pair or element, the "magic number" trick of the
-mixed-input GEMMs (FasterTransformer, CUTLASS): exact, since every int8 is representable in both 16-bit types.
+decode on an H200 against FP8's 0.56-0.66x. :func:`_int8_to_fp16` / :func:`_int8_to_bf16` convert two packed
+weights at a time with byte permutes and a subtraction (3 and 6 instructions per pair), the "magic number" trick of
+the mixed-input GEMMs (FasterTransformer, CUTLASS): exact, since every int8 is representable in both 16-bit types.
+INT8 reaches 0.57-0.65x bf16 at decode there (docs/bench/head_gemm.md).
 
 Layout: the kernel computes the transposed product ``y.T[n, m] = sum_k q[n, k] * x[m, k]`` ("swap AB"): the
 vocab dimension fills the 64-row side of Hopper's wgmma, so a decode batch of 1..16 tokens pads only the
@@ -25,7 +26,8 @@ conversion is the bottleneck. A small pre-pass scales each bf16 activation row b
 (exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16 path's (tested),
 at 0.54-0.55x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) (docs/bench/head_gemm_h100.md).
 
-Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``);
+Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``; the
+INT8 rows that differ were tuned on an H200);
 there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
 included, is one or two launches with no host sync and no allocation other than the output (and, with fp16
 math, the converted activations). Every config accumulates K in the same order, so a token's logits do not
