@@ -18,7 +18,8 @@ def write_matrix(rows: list[dict], path: str) -> None:
         'vLLM\'s `hf_overrides={"head_dtype": "float32"}`. fp8 = `fp8_lm_head`, int8 = `int8_lm_head`: head bound,',
         "other layers unchanged, RMS / max |Δ logprob| (nats) vs that oracle over prompt and sampled top-5 logprobs",
         "(tied models keep a bf16 head by default, so their columns show the bf16 head's error). TP = tensor-parallel",
-        "size. Random weights: docs/accuracy.md has the real model.",
+        "size. A max above ~0.1 means a greedy path left the oracle's and its sampled steps scored other contexts.",
+        "Random weights: docs/accuracy.md has the real model.",
         "",
         ("| architecture | tied | TP | fp32 head method | fp32 bitwise = oracle | quantized head dtype "
         "| fp8 RMS | fp8 max | int8 RMS | int8 max | result |"),
