@@ -255,6 +255,7 @@ def run(model, texts=None, heads=DEFAULT_HEADS, *, chunk_len=512, max_chunks=8, 
         "max_model_len": chunk_len + greedy_tokens + 8,
         "max_num_batched_tokens": max(chunk_len + greedy_tokens + 8, 2048),  # one prefill step per chunk
         "max_num_seqs": 1,  # one request at a time: the hook scores exactly one prompt per call
+        "enable_prefix_caching": False,  # a cached prefix would leave prompt positions unscored
         "kv_cache_memory_bytes": 256 << 20,
         "seed": 0,
         **(engine_args or {}),
