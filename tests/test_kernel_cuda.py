@@ -19,7 +19,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU: the FP8 Triton kernel only runs on CUDA", allow_module_level=True)
+    pytest.skip("needs a CUDA GPU: the FP8/INT8 Triton kernel only runs on CUDA", allow_module_level=True)
 
 from vllm_lmhead_quant.kernels import weight_only as wo  # noqa: E402
 from vllm_lmhead_quant.quant import FORMATS, quantize_rows  # noqa: E402
