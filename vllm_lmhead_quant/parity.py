@@ -126,11 +126,12 @@ def _hook(lp, args, kwargs, logits) -> None:
         p_ref, p_head = lp_ref.exp(), lp_head.exp()
         gen = torch.Generator().manual_seed(state.seed + len(state.rows))
         sampled = torch.multinomial(p_head, 1, generator=gen)
-        own = lp_ref  # head-only reference: the fp64 head on this engine's own hidden states
-        if chunk.ref_hidden is not None and not torch.equal(chunk.ref_hidden, state.hidden[-1]):
-            own = _ref_logprobs(lp, state.hidden[-1], state.ref_weight)
+        same_body = chunk.ref_hidden is None or torch.equal(chunk.ref_hidden, state.hidden[-1])
+        # head-only reference: the fp64 head on this engine's own hidden states
+        own = lp_ref if same_body else _ref_logprobs(lp, state.hidden[-1], state.ref_weight)
         state.rows.append(
             {
+                "same_body": torch.tensor([same_body]),
                 "own_ref_true": own.gather(1, target)[:, 0],
                 "head_true": lp_head.gather(1, target)[:, 0],
                 "ref_true": lp_ref.gather(1, target)[:, 0],
@@ -230,7 +231,7 @@ def run_head(name, model, chunks, greedy_prompts, greedy_tokens, ref, engine_arg
     engine_true = torch.tensor([x for lp in engine_lp for x in lp], dtype=torch.float64)
     res.engine_vs_hook_max = (engine_true - hook_true).abs().max().item()
     if ref:
-        res.body_identical = all(torch.equal(a, b) for a, b in zip(hidden, ref[0]))
+        res.body_identical = bool(cat["same_body"].all())
     res.seconds = time.monotonic() - t0
     continuations = [list(o.outputs[0].token_ids) for o in greedy]
     return res, continuations, (hidden, weight)
@@ -292,6 +293,12 @@ def to_markdown(results: list[HeadResult]) -> str:
             f"| {r.rms_head_only:.4f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def to_json(results: list[HeadResult]) -> str:
+    """One line per head; per-token deltas to 4 significant digits (what the plot needs)."""
+    rows = [{**r.__dict__, "abs_deltas": [float(f"{d:.4g}") for d in r.abs_deltas]} for r in results]
+    return "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]\n"
 
 
 def plot(results: list[HeadResult], path: Path, title: str) -> None:
@@ -358,7 +365,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     print(to_markdown(results))
     if args.json:
-        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1))
+        args.json.write_text(to_json(results))
     if args.png:
         plot(results, args.png, f"{Path(str(model)).name}: {results[0].positions} positions")
     return 0

@@ -35,10 +35,6 @@ QUANTIZED_DTYPES = tuple(f.dtype for f in FORMATS.values())
 MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
-def format_of(q: torch.Tensor) -> Format:
-    return next(f for f in FORMATS.values() if f.dtype == q.dtype)
-
-
 def quantize_rows(weight: torch.Tensor, fmt: Format = FP8, *, name: str = "weight", chunk_rows: int = 8192):
     """Quantize a ``[N, K]`` float weight to ``(q [N, K] fmt.dtype, scale [N] float32)``.
 
