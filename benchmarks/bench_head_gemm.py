@@ -2,8 +2,9 @@
 
     python benchmarks/bench_head_gemm.py --out DIR            # JSON + markdown table + PNG plots
     python benchmarks/bench_head_gemm.py --plot-from DIR/head_gemm.json --out DIR   # plots only (no GPU)
-    python benchmarks/bench_head_gemm.py --tune --out DIR     # time candidate kernel configs per M bucket
-    python benchmarks/bench_head_gemm.py --tune --tune-format int8 --out DIR   # the same with INT8 weights
+    python benchmarks/bench_head_gemm.py --table T.json --out DIR   # with another config table (e.g. a new tune)
+
+Config tables are tuned by ``python -m vllm_lmhead_quant.tune`` (JSON per GPU, vllm_lmhead_quant/kernels/configs/).
 
 Why it measures the way it does: at decode the head GEMM is a stream of the V x H weight, so the honest
 comparison is against the bytes it must read. Every timed call is preceded by a write of a buffer larger than
@@ -16,9 +17,7 @@ written per second, the same way the copy is counted).
 from __future__ import annotations
 
 import argparse
-import ast
 import json
-import math
 import os
 import platform
 import statistics
@@ -196,9 +195,9 @@ def env_info(torch) -> dict:
     return info
 
 
-def make_variants(torch, wo, x, w, quants):
+def make_variants(torch, wo, x, w, quants, path=None):
     """name -> zero-arg callable. Per-call variants rebuild their weight every call, as the real paths do.
-    ``quants``: format name -> (q, scale)."""
+    ``quants``: format name -> (q, scale); ``path``: the kernel path (default: the device's)."""
     import torch.nn.functional as F
 
     from_fp8 = torch.bfloat16
@@ -218,10 +217,10 @@ def make_variants(torch, wo, x, w, quants):
         "fp8_dequant_per_call": lambda: F.linear(x, q.to(from_fp8)),
         "fp8_dequant_scaled_per_call": lambda: F.linear(x, (q.float() * scale[:, None]).to(from_fp8)),
         "scaled_mm_w8a8": w8a8,
-        "fp8_bf16_out": lambda: wo.weight_only_mm(x, q, scale, torch.bfloat16),
-        "fp8_fp32_out": lambda: wo.weight_only_mm(x, q, scale, torch.float32),
-        "int8_bf16_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.bfloat16),
-        "int8_fp32_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.float32),
+        "fp8_bf16_out": lambda: wo.weight_only_mm(x, q, scale, torch.bfloat16, path=path),
+        "fp8_fp32_out": lambda: wo.weight_only_mm(x, q, scale, torch.float32, path=path),
+        "int8_bf16_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.bfloat16, path=path),
+        "int8_fp32_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.float32, path=path),
     }
 
 
@@ -240,8 +239,7 @@ def run_bench(args, torch, quant, wo) -> dict:
         "rounds": args.rounds,
         "env": env_info(torch),
         "copy_bw_Bps": bw,
-        "config_table": [[max_m, _key(cfg)] for max_m, cfg in wo._CONFIG_TABLE],
-        "int8_rows": {max_m: _key(cfg) for max_m, cfg in wo._INT8_ROWS.items()},
+        "config_table": (args.path or wo._current_path()).table.source,
         "results": [],
         "accuracy": None,
         "host_launch_us": {},
@@ -251,7 +249,7 @@ def run_bench(args, torch, quant, wo) -> dict:
         w, quants = make_weights(torch, quant, v, h)
         for m in args.ms:
             x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-            fns = make_variants(torch, wo, x, w, quants)
+            fns = make_variants(torch, wo, x, w, quants, args.path)
             rows = interleaved(timer, fns, args.variants, args.rounds, args.budget)
             for name in args.variants:
                 row = {"V": v, "H": h, "M": m, "variant": name, **rows[name]}
@@ -428,191 +426,10 @@ def plot(res: dict, out: Path) -> list[Path]:
     return paths
 
 
-def tune_candidates(wo, m: int, fmt: str = "fp8") -> list:
-    """Hand-picked candidates for one M (pruned by earlier H100 sweeps, docs/bench/tune.json): swap-AB GEMV-like
-    tiles for small M, big tiles for large M; pointer and TMA loads; and from M = 32 on each also with fp16 math
-    (bf16 activations pre-scaled per token into fp16: a one-instruction e4m3 convert). Triton's automatic warp
-    specialization (``tl.range(warp_specialize=True)``) was tried on the TMA configs with Triton 3.6 on an H100 and
-    hit illegal memory accesses, so it is not a candidate; nor are the persistent schedules of the 2026-11-25 sweep
-    (docs/bench/head_gemm_h100.md: miscompiled as a nested loop, slower as a flat one)."""
-    C = wo.KernelConfig
-    if m <= 16:
-        base = [C(16, 64, 128, 4, 6), C(16, 64, 128, 4, 6, tma=True), C(16, 128, 128, 8, 6, tma=True),
-                C(16, 64, 256, 4, 4, tma=True), C(16, 256, 128, 8, 4, tma=True)]  # fmt: skip
-        if fmt == "int8":  # INT8 converts to fp16 in half the instructions of bf16: every config both ways
-            return base + [c._replace(fp16_math=True) for c in base]
-        return base + [C(16, 64, 128, 4, 6, tma=True, fp16_math=True)]
-    if m <= 32:
-        base = [C(32, 128, 128, 8, 5, tma=True), C(32, 64, 256, 4, 4, tma=True), C(32, 64, 128, 4, 6, tma=True)]
-    elif m <= 64:
-        base = [C(64, 128, 128, 4, 4, tma=True), C(64, 128, 64, 4, 6, tma=True), C(64, 256, 128, 8, 4, tma=True),
-                C(64, 128, 256, 4, 3, tma=True), C(64, 64, 128, 4, 6, tma=True), C(64, 128, 128, 8, 4, tma=True),
-                C(64, 128, 128, 4, 6, tma=True)]  # fmt: skip
-        if fmt == "int8":
-            base += [C(64, 128, 256, 8, 3, tma=True), C(64, 256, 64, 8, 4, tma=True), C(64, 128, 128, 8, 3, tma=True)]
-    elif m <= 128:
-        base = [C(128, 128, 64, 8, 4, tma=True), C(128, 128, 64, 8, 4, False, True), C(128, 256, 64, 8, 3, tma=True),
-                C(128, 128, 128, 8, 3, tma=True)]  # fmt: skip
-    else:  # compute-bound: fp16 math always won here (tune.json), so only the schedules vary. The 128 x 128
-        # tiles fit two programs per SM (one's epilogue overlaps the other's main loop; the big tiles fit one).
-        base = [C(256, 128, 128, 8, 3, tma=True), C(256, 128, 64, 8, 4, tma=True), C(128, 256, 64, 8, 3, tma=True),
-                C(256, 128, 64, 8, 3, tma=True), C(128, 256, 128, 8, 3, tma=True), C(128, 128, 64, 4, 4, tma=True),
-                C(128, 128, 64, 8, 4, tma=True), C(128, 128, 128, 8, 3, tma=True), C(128, 128, 128, 4, 3, tma=True),
-                C(128, 128, 64, 8, 4, swap_ab=False, tma=True)]  # fmt: skip
-        fp16 = [c._replace(fp16_math=True) for c in base]
-        if fmt == "int8":  # also bf16 math, and two-stage pipelines (fewer live tiles)
-            return fp16 + base + [c._replace(num_stages=2) for c in fp16]
-        return fp16
-    return base + [c._replace(fp16_math=True) for c in base]
-
-
-def _no_conversion_call(torch, wo, cfg, x16, w16, scale):
-    """Our kernel with fp16 weights (its in-register convert is then a no-op): the Triton GEMM's own ceiling for
-    this config, to tell conversion cost from schedule cost. Diagnostic only (the result is not the head's)."""
-    y = torch.empty((x16.shape[0], w16.shape[0]), dtype=torch.bfloat16, device=x16.device)
-    wo._gemm(x16, w16, scale, y, cfg)
-    return y
-
-
-def _key(cfg) -> str:
-    return repr(tuple(cfg))
-
-
-def _from_key(wo, key: str):
-    return wo.KernelConfig(*ast.literal_eval(key))
-
-
-def check_candidate(torch, wo, x, q, scale, cfg) -> str | None:
-    """None if ``cfg`` computes fp32 logits within fp32 accumulation error of the fp64 product with the dequantized
-    weight (tests/test_kernel_cuda.py's typical bound), else why not. Every tuned config is checked before it is
-    timed, with fp32 output (bf16 rounding would hide a wrong low-order result): Triton 3.6 miscompiles some
-    schedules (benchmarks/diag_int8.py)."""
-    try:
-        y = wo.weight_only_mm(x, q, scale, torch.float32, config=cfg).double()
-    except Exception as e:
-        return f"{type(e).__name__}: {str(e)[:160]}"
-    ref = (x.double() @ q.double().T) * scale.double()
-    excess = ((y - ref).abs().max() / (1e-5 * ref.abs().max())).item()
-    return None if excess <= 1.0 else f"wrong result: error {excess:.3g}x the fp32 bound"
-
-
-def run_tune(args, torch, quant, wo) -> dict:
-    """Time every candidate config per (shape, M) with bf16 activations and bf16 output, interleaved with cuBLAS
-    bf16 (``--rounds`` passes, as in the benchmark), and report the best. The best config is then also timed with
-    fp32 output and, from M = 64 on, with fp16 weights (no conversion: the Triton schedule's own ceiling)."""
-    import torch.nn.functional as F
-
-    timer = Timer(torch)
-    out = {"env": env_info(torch), "rounds": args.rounds, "format": args.tune_format, "cells": []}
-    for v, h in args.shapes:
-        w, quants = make_weights(torch, quant, v, h)
-        q, scale = quants[args.tune_format]
-        for m in args.tune_ms:
-            x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
-            fns = {"bf16": lambda x=x, w=w: F.linear(x, w)}
-            wrong = {}
-            for cfg in [None, *tune_candidates(wo, m, args.tune_format)]:
-                name = "default" if cfg is None else _key(cfg)
-                fns[name] = lambda c=cfg, x=x, q=q, s=scale: wo.weight_only_mm(x, q, s, torch.bfloat16, config=c)
-                err = check_candidate(torch, wo, x, q, scale, cfg)
-                if err is not None:  # a miscompiled or out-of-resources config is never timed, never picked
-                    wrong[name] = err
-                    del fns[name]
-                    print(f"   {name}: {err}", flush=True)
-            timed = interleaved(timer, fns, list(fns), args.rounds, args.budget)
-            timed.update({name: {"error": err} for name, err in wrong.items()})
-            base = timed.pop("bf16")["median_us"]
-            configs = {k: r.get("median_us", r.get("error")) for k, r in timed.items()}
-            cell = {"V": v, "H": h, "M": m, "bf16_us": base, "default": str(wo.pick_config(m, v, h, q.dtype)),
-                    "configs": configs}  # fmt: skip
-            ok = {k: t for k, t in configs.items() if isinstance(t, float)}
-            best = min(ok, key=ok.get)
-            print(
-                f"V={v} H={h} M={m}: bf16 {base:.0f}us default {ok.get('default', math.nan):.0f}us "
-                f"({ok.get('default', math.nan) / base:.2f}) best {best} {ok[best]:.0f}us ({ok[best] / base:.2f})",
-                flush=True,
-            )
-            best_cfg = None if best == "default" else _from_key(wo, best)
-            extra = {"best": fns[best], "best_fp32_out": lambda c=best_cfg, x=x, q=q, s=scale: (
-                wo.weight_only_mm(x, q, s, torch.float32, config=c))}  # fmt: skip
-            if m >= 64:  # how much of the gap to cuBLAS is the e4m3 conversion?
-                w16, x16 = w.half(), x.half()
-                cfg16 = best_cfg or wo.pick_config(m, v, h, q.dtype)
-                extra["ceiling_fp16_weights"] = lambda c=cfg16, a=x16, b=w16, s=scale: _no_conversion_call(
-                    torch, wo, c, a, b, s
-                )
-            extra_t = interleaved(timer, extra, list(extra), args.rounds, args.budget / 2)
-            for name in ("best_fp32_out", "ceiling_fp16_weights"):
-                if name in extra_t:
-                    r = extra_t[name]
-                    cell[f"{name}_vs_best"] = r["median_us"] / extra_t["best"]["median_us"] if "median_us" in r else r
-                    print(f"   {name}: {cell[f'{name}_vs_best']} x best", flush=True)
-            out["cells"].append(cell)
-            (args.out / "tune.json").write_text(json.dumps(out, indent=1))  # incremental: survives a timeout
-            del x, fns, extra
-        del w, q, scale, quants
-        torch.cuda.empty_cache()
-    table = table_from_tune(out, wo)
-    out["table"] = [[max_m, _key(cfg)] for max_m, cfg in table]
-    (args.out / "tune.json").write_text(json.dumps(out, indent=1))
-    print("tuned table:", out["table"])
-    if args.apply:
-        apply_table(wo, table)
-    return out
-
-
-def apply_table(wo, table) -> None:
-    """Rewrite the ``<tuned-table>`` block of the kernel module's source with ``table`` (and use it now)."""
-    path = Path(wo.__file__)
-    src = path.read_text()
-    head, rest = src.split("# <tuned-table>\n", 1)
-    _, tail = rest.split("# </tuned-table>\n", 1)
-    rows = []
-    for max_m, cfg in table:
-        bound = "1 << 62" if max_m >= 1 << 62 else str(max_m)
-        defaults = wo.KernelConfig._field_defaults
-        extra = "".join(f", {f}={getattr(cfg, f)}" for f in defaults if getattr(cfg, f) != defaults[f])
-        rows.append(f"    ({bound}, KernelConfig({', '.join(map(str, tuple(cfg)[:5]))}{extra})),")
-    block = "_CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (\n" + "\n".join(rows) + "\n)\n"
-    path.write_text(head + "# <tuned-table>\n" + block + "# </tuned-table>\n" + tail)
-    wo._CONFIG_TABLE = tuple(table)
-    print("rewrote the table in", path)
-
-
-def table_from_tune(tune: dict, wo) -> list:
-    """Config table from tune cells: per M bucket (ends at each tuned M), the config with the best geometric
-    mean of time / best-time over all shapes and Ms of the bucket (robust across hidden sizes)."""
-    ms = sorted({c["M"] for c in tune["cells"]})
-    table, lo = [], 0
-    for i, hi in enumerate(ms):
-        cells = [c for c in tune["cells"] if lo < c["M"] <= hi]
-        scores: dict[str, list[float]] = {}
-        for c in cells:
-            timed = {k: t for k, t in c["configs"].items() if isinstance(t, float) and k != "default"}
-            best = min(timed.values())
-            for k, t in timed.items():
-                scores.setdefault(k, []).append(math.log(t / best))
-        full = {k: sum(v) / len(v) for k, v in scores.items() if len(v) == len(cells)}
-        if full:
-            cfg = _from_key(wo, min(full, key=full.get))
-            table.append((hi if i < len(ms) - 1 else 1 << 62, cfg))
-        lo = hi
-    merged = []  # neighbouring buckets with the same winner become one row
-    for max_m, cfg in table:
-        if merged and merged[-1][1] == cfg:
-            merged[-1] = (max_m, cfg)
-        else:
-            merged.append((max_m, cfg))
-    return merged
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("bench_out"))
     p.add_argument("--plot-from", type=Path, help="only make the markdown and plots from an earlier JSON")
-    p.add_argument("--tune", action="store_true", help="time candidate kernel configs instead")
-    p.add_argument("--apply", action="store_true", help="with --tune or --table-from: write the table into the module")
-    p.add_argument("--table-from", type=Path, help="benchmark with the config table derived from a tune.json")
     p.add_argument(
         "--shapes",
         type=lambda s: [tuple(map(int, t.split("x"))) for t in s.split(",")],
@@ -620,12 +437,7 @@ def main(argv=None) -> int:
         help="comma-separated VxH list",
     )
     p.add_argument("--ms", type=lambda s: [int(t) for t in s.split(",")], default=list(MS))
-    p.add_argument(
-        "--tune-ms",
-        type=lambda s: [int(t) for t in s.split(",")],
-        default=[1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048],
-    )
-    p.add_argument("--tune-format", choices=["fp8", "int8"], default="fp8", help="weight format for --tune")
+    p.add_argument("--table", type=Path, help="a JSON config table to use instead of the device's")
     p.add_argument("--variants", type=lambda s: s.split(","), default=list(VARIANTS))
     p.add_argument("--acc-shape", type=lambda s: tuple(map(int, s.split("x"))), default=(151936, 4096))
     p.add_argument("--acc-m", type=int, default=64)
@@ -634,6 +446,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=4, help="round-robin passes over the variants per cell")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.path = None
 
     if args.plot_from:
         res = json.loads(args.plot_from.read_text())
@@ -652,15 +465,11 @@ def main(argv=None) -> int:
     torch.set_float32_matmul_precision("highest")
     quant, wo = _import_kernel()
 
-    if args.tune:
-        run_tune(args, torch, quant, wo)
-        return 0
-    if args.table_from:
-        table = table_from_tune(json.loads(args.table_from.read_text()), wo)
-        print("using config table from", args.table_from, table)
-        wo._CONFIG_TABLE = tuple(table)
-        if args.apply:  # write it into the module too (the package then uses it everywhere)
-            apply_table(wo, table)
+    if args.table:  # this run's kernel path with another table (the device's own facts otherwise)
+        from vllm_lmhead_quant.kernels import device, tables
+
+        args.path = device.path_for(device.facts(torch.cuda.current_device()), tables.load(args.table))
+        print("using config table", args.table)
 
     res = run_bench(args, torch, quant, wo)
     (args.out / "head_gemm.json").write_text(json.dumps(res, indent=1))

@@ -67,13 +67,13 @@ def variants(v: int, h: int, m: int = 1) -> dict:
 
     def tma_prebuilt():
         ft._wo_tma_kernel[grid](xd, qd, s, s, y, m, v, y.stride(0), h, BLOCK_M=cfg.block_m,
-                                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=True, TOKEN_SCALE=False,
+                                    BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=True, TOKEN_SCALE=False, PTX=True,
                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
 
     def ptr_direct():
         ft._wo_kernel[grid](x, q, s, s, y, m, v, h, x.stride(0), q.stride(0), y.stride(0),
                                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SWAP_AB=True,
-                                EVEN_K=True, TOKEN_SCALE=False, num_warps=cfg.num_warps,
+                                EVEN_K=True, TOKEN_SCALE=False, PTX=True, num_warps=cfg.num_warps,
                                 num_stages=cfg.num_stages)  # fmt: skip
 
     def slow(fn):  # the same call with the plain Triton launch (binder every call)
@@ -89,14 +89,14 @@ def variants(v: int, h: int, m: int = 1) -> dict:
     fast_default = ft.FAST_LAUNCH
     g3 = (grid[0], 1, 1)
     ptr_args = (x, q, s, s, y, m, v, h, x.stride(0), q.stride(0), y.stride(0), cfg.block_m, cfg.block_n,
-                cfg.block_k, True, True, False)  # fmt: skip
+                cfg.block_k, True, True, False, True)  # fmt: skip
     compiled_ptr = ft._wo_kernel[grid](*ptr_args[:11], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                           BLOCK_K=cfg.block_k, SWAP_AB=True, EVEN_K=True, TOKEN_SCALE=False,
+                                           BLOCK_K=cfg.block_k, SWAP_AB=True, EVEN_K=True, TOKEN_SCALE=False, PTX=True,
                                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
-    tma_pre = (xd, qd, s, s, y, m, v, y.stride(0), h, cfg.block_m, cfg.block_n, cfg.block_k, True, False)
+    tma_pre = (xd, qd, s, s, y, m, v, y.stride(0), h, cfg.block_m, cfg.block_n, cfg.block_k, True, False, True)
     tma_prebuilt()
     compiled_tma = ft._wo_tma_kernel[grid](*tma_pre[:9], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                               BLOCK_K=cfg.block_k, SWAP_AB=True, TOKEN_SCALE=False,
+                                               BLOCK_K=cfg.block_k, SWAP_AB=True, TOKEN_SCALE=False, PTX=True,
                                                num_warps=cfg.num_warps,
                                                num_stages=cfg.num_stages)  # fmt: skip
     x16 = torch.randn(max(m, 64), h, device="cuda", dtype=torch.bfloat16)

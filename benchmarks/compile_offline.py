@@ -1,6 +1,6 @@
 """Compile the head kernels for a GPU architecture on a machine without one, and report what each config uses.
 
-    python benchmarks/compile_offline.py [--arch 90] [--q int8 fp8] [--act bf16 fp16] [--sass]
+    python benchmarks/compile_offline.py [--target sm_80 sm_89 gfx942 ...] [--q int8 fp8] [--act bf16 fp16] [--sass]
 
 Needs only ``triton`` (it ships ptxas and cuobjdump), no GPU and no vLLM: device time is the scarce resource, and
 shared memory per block, registers, spills and the instruction mix (HGMMA present? how many conversion
@@ -10,7 +10,6 @@ instructions per weight?) are answered by the compiler. Prints one row per table
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import re
 import subprocess
 import sys
@@ -18,48 +17,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the package without installing it (this venv needs only torch and triton)
 
-
-def load_kernel_module():
-    spec = importlib.util.spec_from_file_location("_wo", ROOT / "vllm_lmhead_quant/kernels/weight_only.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-TRITON_DTYPE = {"int8": "i8", "fp8": "fp8e4nv", "bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
-
-
-def compile_config(wo, cfg, q: str, act: str, out: str, arch: int, k: int = 4096):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    a, w, y = TRITON_DTYPE[act], TRITON_DTYPE[q], TRITON_DTYPE[out]
-    consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SWAP_AB": cfg.swap_ab}
-    token_scale = cfg.fp16_math and act == "bf16"
-    if token_scale:
-        a = "fp16"
-    if cfg.tma and arch >= 90:
-        fn = wo._wo_tma_kernel
-        sig = {
-            "x_desc": f"tensordesc<{a}[{cfg.block_m}, {cfg.block_k}]>",
-            "q_desc": f"tensordesc<{w}[{cfg.block_n}, {cfg.block_k}]>",
-            "s_ptr": "*fp32", "t_ptr": "*fp32", "y_ptr": f"*{y}",
-            "M": "i32", "N": "i32", "stride_ym": "i32", "K": "i32",
-        }  # fmt: skip
-    else:
-        fn = wo._wo_kernel
-        sig = {
-            "x_ptr": f"*{a}", "q_ptr": f"*{w}", "s_ptr": "*fp32", "t_ptr": "*fp32", "y_ptr": f"*{y}",
-            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_ym": "i32",
-        }  # fmt: skip
-        consts["EVEN_K"] = True
-    consts["TOKEN_SCALE"] = token_scale
-    sig.update({name: "constexpr" for name in consts})
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-    opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+from vllm_lmhead_quant.kernels import offline  # noqa: E402
 
 
 def cuobjdump(cubin: bytes, flag: str) -> str:
@@ -91,7 +51,7 @@ def opcode_counts(sass: str) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--target", nargs="+", default=["sm_90"], choices=list(offline.TARGETS))
     ap.add_argument("--q", nargs="+", default=["fp8", "int8"])
     ap.add_argument("--act", nargs="+", default=["bf16"])
     ap.add_argument("--out", default="bf16")
@@ -99,49 +59,34 @@ def main() -> int:
     ap.add_argument("--sass", action="store_true", help="print the SASS opcode mix of each kernel's main loop")
     ap.add_argument("--dump", type=Path, help="write PTX/SASS files here")
     args = ap.parse_args()
-    wo = load_kernel_module()
-    print(f"{'max M':>6} {'config':<60} {'q':<5} {'act':<5} {'smem KiB':>8} {'regs':>5} {'stack':>5}  notes")
-    for max_m, fp8_cfg in wo._CONFIG_TABLE:
+    print(f"{'target':<7} {'max M':>6} {'config':<60} {'q':<5} {'act':<5} {'smem KiB':>8} {'regs':>5} {'stack':>5}")
+    for target in map(offline.TARGETS.get, args.target):
+        path = offline.path_for(target)
         for q in args.q:
-            cfg = wo._INT8_ROWS.get(max_m, fp8_cfg) if q == "int8" else fp8_cfg
-            if args.fp16_math != "table":
-                cfg = cfg._replace(fp16_math=args.fp16_math == "on")
-            for act in args.act:
-                try:
-                    k = compile_config(wo, cfg, q, act, args.out, args.arch)
-                except Exception as e:  # report and go on: one bad config must not hide the others
-                    why = str(e).splitlines()[-1][:200]
-                    print(f"{min(max_m, 99999):>6} {str(tuple(cfg)):<60} {q:<5} {act:<5} FAILED: {why}")
-                    continue
-                md = k.metadata
-                notes = ""
-                if args.sass or args.dump:
-                    sass = cuobjdump(k.asm["cubin"], "--dump-sass")
-                    c = opcode_counts(sass)
-                    keys = (
-                        "HGMMA",
-                        "HMMA",
-                        "PRMT",
-                        "LOP3",
-                        "HADD2",
-                        "FADD",
-                        "F2FP",
-                        "I2F",
-                        "F2F",
-                        "UTMALDG",
-                        "LDS",
-                        "LDSM",
-                        "LDG",
-                    )
-                    notes = " ".join(f"{key}={c[key]}" for key in keys if key in c)
-                    if args.dump:
-                        args.dump.mkdir(parents=True, exist_ok=True)
-                        stem = f"m{max_m if max_m < 1 << 60 else 'inf'}_{q}_{act}"
-                        (args.dump / f"{stem}.ptx").write_text(k.asm["ptx"])
-                        (args.dump / f"{stem}.sass").write_text(sass)
-                regs, spills = resources(k.asm["cubin"])
-                head = f"{min(max_m, 99999):>6} {str(tuple(cfg)):<60} {q:<5} {act:<5}"
-                print(f"{head} {md.shared / 1024:>8.0f} {regs:>5} {spills:>5}  {notes}")
+            for max_m, cfg in path.table.rows[q]:
+                if args.fp16_math != "table":
+                    cfg = cfg._replace(fp16_math=args.fp16_math == "on")
+                for act in args.act:
+                    head = f"{target.name:<7} {min(max_m, 99999):>6} {str(tuple(cfg)):<60} {q:<5} {act:<5}"
+                    try:
+                        k = offline.compile_config(cfg, q, target, path, act, args.out)
+                    except Exception as e:  # report and go on: one bad config must not hide the others
+                        print(f"{head} FAILED: {str(e).splitlines()[-1][:200]}")
+                        continue
+                    notes = ""
+                    if target.backend == "cuda" and (args.sass or args.dump):
+                        sass = cuobjdump(k.asm["cubin"], "--dump-sass")
+                        c = opcode_counts(sass)
+                        keys = ("HGMMA", "HMMA", "PRMT", "LOP3", "HADD2", "HMUL2", "FADD", "F2FP", "I2F", "F2F",
+                                "UTMALDG", "LDS", "LDSM", "LDG")  # fmt: skip
+                        notes = " ".join(f"{key}={c[key]}" for key in keys if key in c)
+                        if args.dump:
+                            args.dump.mkdir(parents=True, exist_ok=True)
+                            stem = f"{target.name}_m{max_m if max_m < 1 << 60 else 'inf'}_{q}_{act}"
+                            (args.dump / f"{stem}.ptx").write_text(k.asm["ptx"])
+                            (args.dump / f"{stem}.sass").write_text(sass)
+                    regs, spills = resources(k.asm["cubin"]) if target.backend == "cuda" else (-1, -1)
+                    print(f"{head} {k.metadata.shared / 1024:>8.0f} {regs:>5} {spills:>5}  {notes}")
     return 0
 
 

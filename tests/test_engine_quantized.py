@@ -92,8 +92,8 @@ def test_tied_quantize_opt_in_shares_one_table(tiny, arch, method):
     base = cached_run(path)
     oracle = cached_run(path, **ORACLE)
     ours = run_llm(path, quantization=method, **QUANTIZE_TIED)
-    # One module, one quantized table, used for lookups and logits.
-    assert ours.head["is_embed_module"]
+    # One quantized table, used for lookups and logits; the head module stays (vLLM's tie, bias slot included).
+    assert ours.head["shares_embed_weight"] and ours.methods["lm_head"] == METHOD
     assert ours.head["dtype"] == STORAGE[method] and ours.head["embed_dtype"] == STORAGE[method]
     v, h = ours.head["shape"]
     assert ours.head["param_bytes"] == v * h + 4 * v
@@ -104,3 +104,32 @@ def test_tied_quantize_opt_in_shares_one_table(tiny, arch, method):
     rms_bound, max_bound = BOUNDS[method]
     err = logprob_errors(ours, oracle)
     assert err["rms"] < 2 * rms_bound and err["max"] < 2 * max_bound, err
+
+
+@pytest.mark.parametrize("mode", ["keep", "quantize"])
+def test_a_tied_checkpoint_with_its_own_equal_lm_head_is_retied(tiny, tmp_path, mode):
+    """Tied config, and the checkpoint also ships lm_head.weight equal to the embeddings (fine-tuning and quantization
+    tools write such copies). vLLM builds the head untied and re-ties it after loading, but only when unquantized; the
+    quantized heads do the same, so the flag never holds more than a run without it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("qwen3", tied=True)
+    path = tmp_path / "qwen3-tied-with-lm-head"
+    shutil.copytree(src, path)
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    base = run_llm(path)
+    assert base.head["shares_embed_weight"]  # vLLM re-tied it
+    extra = QUANTIZE_TIED if mode == "quantize" else {}
+    ours = run_llm(path, quantization="int8_lm_head", **extra)
+    assert ours.head["shares_embed_weight"]
+    v, h = ours.head["shape"]
+    if mode == "keep":
+        assert ours.methods["lm_head"] == TIED_BF16 and ours.flat() == base.flat()
+        assert ours.head["param_bytes"] == base.head["param_bytes"] == 2 * v * h
+    else:
+        assert ours.head["dtype"] == ours.head["embed_dtype"] == "torch.int8"
+        assert ours.head["param_bytes"] == v * h + 4 * v

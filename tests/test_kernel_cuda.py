@@ -21,12 +21,26 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: the FP8/INT8 Triton kernel only runs on CUDA", allow_module_level=True)
 
+from vllm_lmhead_quant.kernels import device, tables  # noqa: E402
 from vllm_lmhead_quant.kernels import weight_only as wo  # noqa: E402
 from vllm_lmhead_quant.quant import FORMATS, quantize_rows  # noqa: E402
 
 DEV = torch.device("cuda")
 if not wo.is_supported(torch.empty(1, 8, dtype=torch.bfloat16, device=DEV)):
-    pytest.skip("weight_only.is_supported() is False here (needs triton and SM >= 8.9)", allow_module_level=True)
+    pytest.skip("weight_only.is_supported() is False here (needs triton and SM >= 8.0)", allow_module_level=True)
+
+NATIVE = device.device_path(torch.cuda.current_device())
+_FACTS = device.facts(torch.cuda.current_device())
+
+
+def _forced(capability, smem_kib: int, hip: bool = False) -> device.KernelPath:
+    """Another family's path on this GPU: its conversions, loads and generic table (tests and benchmarks)."""
+    facts = _FACTS._replace(name="forced", capability=capability, smem_per_block=smem_kib * 1024, hip=hip)
+    return device.path_for(facts)
+
+
+AMPERE = _forced((8, 0), 163)  # FP8 decoded from its bits, pointer loads, generic_smem_163k
+ROCM_LIKE = _forced((9, 4), 64, hip=True)  # also INT8 by Triton's plain cast (no PTX), generic_smem_64k
 
 pytestmark = pytest.mark.cuda
 
@@ -105,9 +119,14 @@ _EXTRA_CONFIGS = [
 ]
 
 
-_TABLE_CONFIGS = [c for _, c in wo._CONFIG_TABLE] + list(wo._INT8_ROWS.values())
+_TABLE_CONFIGS = [
+    cfg
+    for path in sorted(tables.SHIPPED.glob("*.json"))
+    for rows in tables.load(path).rows.values()
+    for _, cfg in rows
+]
 # Schedules Triton 3.6 miscompiles with INT8 weights (wrong logits; benchmarks/diag_int8.py, docs/bench/head_gemm.md):
-# the 256-token tile with 3 stages, the FP8 table's M > 128 row. The INT8 table never uses them (_INT8_ROWS).
+# the 256-token tile with 3 stages, the FP8 tables' M > 128 row. No INT8 table uses them.
 _INT8_MISCOMPILED = {(256, 128, 128, 3), (256, 128, 64, 3)}
 
 
@@ -231,3 +250,60 @@ def test_fast_launch_equals_the_plain_launch(cfg, monkeypatch):
         monkeypatch.setattr(wo, "FAST_LAUNCH", True)
         assert torch.equal(fast[0], plain) and torch.equal(fast[1], plain)
         _check(plain, x, q, scale, torch.float32)
+
+
+@pytest.mark.parametrize("path", [NATIVE, AMPERE, ROCM_LIKE], ids=["native", "ampere", "rocm-like"])
+@pytest.mark.parametrize("act_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_every_byte_converts_like_torch(path, act_dtype):
+    """All 256 weight bytes through each path's conversion (hardware e4m3, bit decoding, PTX, plain cast) equal
+    PyTorch's cast of the format, NaN included: q[n, 0] = byte n, x = e_0, scale = 1."""
+    byte = torch.arange(256, dtype=torch.uint8, device=DEV)
+    q = torch.zeros(256, 32, dtype=torch.uint8, device=DEV)
+    q[:, 0] = byte
+    q = q.view(_FMT.dtype)
+    x = torch.zeros(1, 32, dtype=act_dtype, device=DEV)
+    x[0, 0] = 1
+    scale = torch.ones(256, device=DEV)
+    y = wo.weight_only_mm(x, q, scale, torch.float32, config=wo.KernelConfig(16, 64, 32, 4, 2), path=path)[0]
+    expected = byte.view(_FMT.dtype).float()
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert torch.equal(y[finite], expected[finite])
+
+
+@pytest.mark.parametrize("cfg", list(dict.fromkeys(c._replace(tma=False) for c in _TABLE_CONFIGS)), ids=str)
+def test_ampere_and_rocm_conversions_are_bitwise_the_native_ones(cfg):
+    """Same config, same loads: decoding e4m3 from its bits (and INT8 without PTX) gives the native path's bits."""
+    _skip_miscompiled(cfg)
+    q, scale = _weight(3000 + 5, 2048)
+    for m in (1, 64, 300):
+        x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
+        native = wo.weight_only_mm(x, q, scale, torch.float32, config=cfg)
+        for path in (AMPERE, ROCM_LIKE):
+            y = _poisoned_call(x, q, scale, torch.float32, config=cfg, path=path)
+            assert torch.equal(y, native), f"{path.family} M={m}"
+
+
+@pytest.mark.parametrize("path", [AMPERE, ROCM_LIKE], ids=["ampere", "rocm-like"])
+def test_forced_paths_with_their_own_tables(path):
+    """Each family's path with its generic table: the fp64 bounds at decode and prefill sizes."""
+    q, scale = _weight(151936 // 4 + 3, 2048)
+    for m in (1, 16, 33, 64, 100, 300):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
+            _check(_poisoned_call(x, q, scale, out_dtype, path=path), x, q, scale, out_dtype)
+
+
+def test_a_config_that_does_not_fit_is_shrunk_once_with_one_warning(caplog, monkeypatch):
+    """Never a crash: a config needing more shared memory than the GPU has runs as the next smaller one."""
+    monkeypatch.setattr(wo, "_FITS", {})
+    huge = wo.KernelConfig(256, 256, 128, 8, 6, tma=True)  # ~600 KiB of pipeline buffers
+    q, scale = _weight(3000 + 5, 2048)
+    x = torch.randn(40, 2048, device=DEV, dtype=torch.bfloat16)
+    with caplog.at_level("WARNING", logger="vllm.lmhead_quant"):
+        for _ in range(3):
+            _check(_poisoned_call(x, q, scale, torch.float32, config=huge), x, q, scale, torch.float32)
+    smaller = wo._FITS[(DEV.index or 0, huge)]
+    assert smaller.num_stages < huge.num_stages or smaller.block_k < huge.block_k
+    warnings = [r for r in caplog.records if "does not fit" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]

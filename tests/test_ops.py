@@ -43,11 +43,27 @@ def test_fp32_logits_bias_and_3d():
     assert (out.double() - ref).abs().max().item() < 1e-4
 
 
-def test_fp32_logits_matches_vllm_head_dtype_maths():
-    """Our CPU path is the exact op sequence of vLLM's head_dtype=float32 fallback, so bitwise equal."""
-    x, w = _inputs(5, 777, 128, torch.bfloat16)
-    vllm_way = torch.nn.functional.linear(x.to(torch.float32), w.to(torch.float32))
-    assert torch.equal(ops.fp32_logits(x, w), vllm_way)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("shape", [(5, 128), (2, 3, 128)], ids=["2d", "3d"])
+def test_fp32_head_is_bitwise_vllms_own_head_dtype_maths(bias, shape):
+    """The oracle's own code: vLLM's LogitsProcessor._apply_head with head_dtype float32, on a real vLLM head."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from vllm_lmhead_quant.methods.fp32_head import FP32HeadMethod
+
+    head = ParallelLMHead(777, 128, params_dtype=torch.bfloat16, disable_tp=True)  # vLLM's unquantized method
+    with torch.no_grad():
+        head.weight.normal_(0, 0.05)
+    oracle = LogitsProcessor.__new__(LogitsProcessor)  # its __init__ reads head_dtype from a running engine's config
+    torch.nn.Module.__init__(oracle)
+    oracle.head_dtype = torch.float32
+    x = (torch.randn(shape) * 2).to(torch.bfloat16)
+    b = torch.randn(head.weight.shape[0]).to(torch.bfloat16) if bias else None  # padded to 832 rows
+    theirs = oracle._apply_head(head, x, b)
+    ours = FP32HeadMethod("lm_head").apply(head, x, b)
+    assert theirs.dtype == ours.dtype == torch.float32
+    assert torch.equal(ours, theirs)
 
 
 @FMTS
@@ -86,3 +102,31 @@ def test_quantized_logits_never_materializes_the_whole_weight(monkeypatch, fmt):
     q, scale = quantize_rows(w, fmt)
     ops.quantized_logits(x, q, scale)
     assert max(seen) == 100 and sum(seen) == 1050
+
+
+def test_the_head_path_line_names_the_slow_paths(monkeypatch):
+    """One start-up line per engine says how the quantized head runs; slower-than-bf16 paths warn with a ratio."""
+    import logging
+
+    from vllm_lmhead_quant.kernels import device, weight_only
+
+    level, line = ops.head_path(torch.device("cpu"), torch.int8)
+    assert level == logging.WARNING and "chunks" in line and "x the bf16 head" in line
+
+    facts = {"A100": device.DeviceFacts("NVIDIA A100-SXM4-80GB", (8, 0), 163 << 10, 108),
+             "H100": device.DeviceFacts("NVIDIA H100 80GB HBM3", (9, 0), 227 << 10, 132),
+             "V100": device.DeviceFacts("Tesla V100-SXM2-32GB", (7, 0), 96 << 10, 80)}  # fmt: skip
+    monkeypatch.setattr(weight_only, "HAS_TRITON", True)
+    for gpu, q_dtype, expected_level, words in (
+        ("H100", torch.float8_e4m3fn, logging.INFO, "hopper path (hardware e4m3 convert, TMA loads"),
+        ("A100", torch.int8, logging.INFO, "ampere path"),
+        ("A100", torch.float8_e4m3fn, logging.WARNING, "int8_lm_head needs no FP8 hardware"),
+        ("V100", torch.int8, logging.WARNING, "SM (7, 0) has no kernel path on Tesla V100"),
+    ):
+        monkeypatch.setattr(device, "device_path", lambda index, g=gpu: device.path_for(facts[g]))
+        monkeypatch.setattr(device, "facts", lambda index, g=gpu: facts[g])
+        level, line = ops.head_path(torch.device("cuda", 0), q_dtype)
+        assert level == expected_level and words in line, (gpu, line)
+    monkeypatch.setattr(weight_only, "HAS_TRITON", False)
+    level, line = ops.head_path(torch.device("cuda", 0), torch.int8)
+    assert level == logging.WARNING and "Triton is not installed" in line and "H200" in line

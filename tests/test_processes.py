@@ -96,3 +96,5 @@ def test_vllm_serve_answers_with_logprobs(tiny, tmp_path, method):
     assert all(lp <= 0 and lp == lp for lp in logprobs["token_logprobs"])
     text = (tmp_path / "serve.log").read_text()
     assert f"-> {method}" in text  # our one INFO line, from the server's worker process
+    if method != "bf16_last_layer_fp32":  # never silent about a path slower than bf16: here the CPU's chunked one
+        assert text.count("on CPU the head converts 4096-row chunks") == 1

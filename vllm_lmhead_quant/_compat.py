@@ -71,3 +71,9 @@ def additional_config(vllm_config: Any) -> dict:
 def head_dtype(model_config: Any) -> Any:
     """``model_config.head_dtype`` (the ``hf_overrides={"head_dtype": ...}`` knob), or the model dtype."""
     return getattr(model_config, "head_dtype", None) or model_config.dtype
+
+
+def untied_by_checkpoint(model_config: Any) -> bool:
+    """vLLM >= 0.32 builds a tied model's head untied when the checkpoint ships its own ``lm_head`` and re-ties it
+    after loading if the two are equal (only for unquantized heads); older versions do not have the flag."""
+    return bool(getattr(model_config, "word_embeddings_untied_by_checkpoint", False))

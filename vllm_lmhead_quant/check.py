@@ -51,20 +51,38 @@ class Run:
         return out
 
 
+def find_head(model):
+    """``(head, input_embedding)`` of a vLLM model, found by type because names differ (``lm_head``, ``output``,
+    ``output_layer``; ``embed_tokens``, ``wte``, ``word_embeddings``).
+
+    The head is the vocab-parallel module holding one of our methods (our configs hand them to the head only, which
+    is the input embedding in models that compute logits from it); without our flag, the model's
+    ``ParallelLMHead``; without one, the input embedding. The input embedding is a ``VocabParallelEmbedding`` that
+    is not a ``ParallelLMHead`` (a subclass): the head itself or the one sharing its weight, else the first.
+    Either is None when the model has no such module.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    vocab = [m for m in model.modules() if isinstance(m, VocabParallelEmbedding)]
+    heads = [m for m in vocab if isinstance(m, ParallelLMHead)]
+    embeds = [m for m in vocab if not isinstance(m, ParallelLMHead)]
+    ours = [m for m in heads + embeds if type(m.quant_method).__module__.startswith(OURS)]
+    head = (ours or heads or embeds or [None])[0]
+    weight = getattr(head, "weight", None)
+    embed = next((m for m in embeds if m is head or m.weight is weight), embeds[0] if embeds else None)
+    return head, embed
+
+
 def inspect_model(model) -> tuple[dict, dict]:
     """Runs inside the worker (LLM.apply_model): method class per module, and the head's storage."""
     import torch
 
     methods, head = {}, {}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    for name, module in modules.items():
+    for name, module in model.named_modules(remove_duplicate=False):
         method = getattr(module, "quant_method", None)
         if method is not None:
             methods[name] = type(method).__module__ + "." + type(method).__qualname__
-    lm_head = getattr(model, "lm_head", None)
-    embed = next((m for n, m in modules.items() if n.endswith("embed_tokens")), None)
-    if lm_head is None or not hasattr(lm_head, "weight"):
-        lm_head = embed  # models that compute logits from the input embedding (Gemma2)
+    lm_head, embed = find_head(model)
     if lm_head is not None:
         w = lm_head.weight
         scale = getattr(lm_head, "weight_scale", None)
@@ -77,12 +95,13 @@ def inspect_model(model) -> tuple[dict, dict]:
             "scale_shape": tuple(scale.shape) if scale is not None else None,
             "scale_dtype": str(scale.dtype) if scale is not None else None,
             "is_embed_module": lm_head is embed,
-            "shares_embed_weight": embed is not None and getattr(embed, "weight", None) is w,
+            "shares_embed_weight": embed is not None and embed.weight is w,
             "embed_dtype": str(embed.weight.dtype) if embed is not None else None,
             "cpu_linear": hasattr(lm_head, "cpu_linear"),
         }
-        # What the sampler receives: logits for two hidden states through the model's own compute_logits.
-        act_dtype = next(p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight"))
+        # What the sampler receives: logits for two hidden states through the model's own compute_logits. The
+        # hidden states have the dtype vLLM built the embeddings with (params_dtype), also once a table is quantized.
+        act_dtype = (embed if embed is not None else lm_head).params_dtype
         hidden = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.device, act_dtype)
         head["logits_dtype"] = str(model.compute_logits(hidden).dtype)
     return methods, head

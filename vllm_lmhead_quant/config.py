@@ -47,6 +47,7 @@ class _ModelFacts:
         self.tied = bool(getattr(text_config, "tie_word_embeddings", False))
         self.dtype = getattr(model_config, "dtype", None)
         self.head_dtype = _compat.head_dtype(model_config) if model_config is not None else None
+        self.untied_by_checkpoint = _compat.untied_by_checkpoint(model_config)
         self.options = HeadOptions.from_additional_config(_compat.additional_config(vllm_config))
 
 
@@ -60,13 +61,15 @@ class _HeadOnlyConfig(QuantizationConfig):
         self._reset_runtime()
 
     # Runtime bookkeeping of one model construction; never pickled (the config travels to every process).
-    _RUNTIME = ("_head_bound", "_offered", "_candidates", "_attention_seen")
+    _RUNTIME = ("_head_bound", "_offered", "_candidates", "_embeddings", "_attention_seen", "_watching")
 
     def _reset_runtime(self) -> None:
         self._head_bound = False  # a ParallelLMHead got our method
         self._offered = False  # some VocabParallelEmbedding was offered to us
         self._candidates: list[weakref.ref] = []
+        self._embeddings: list[weakref.ref] = []  # every input embedding offered: heads check what they share
         self._attention_seen: set[int] = set()
+        self._watching = False  # a forward check sits on the first linear layer (see _watch)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
@@ -110,9 +113,13 @@ class _HeadOnlyConfig(QuantizationConfig):
             facts = _ModelFacts(_compat.current_vllm_config())
             self._release_candidates()
             self._head_bound = True
-            return self._head_method(prefix, facts, tied=facts.tied)
+            method = self._head_method(prefix, facts, tied=facts.tied, module=True)
+            if isinstance(method, QuantizedHeadMethod):
+                method.peers = self._embeddings
+            return method
         if isinstance(layer, VocabParallelEmbedding):
-            if self._head_bound:
+            if self._head_bound:  # built after the head (Gemma): vLLM's default, but the head may be tied to it
+                self._embeddings.append(weakref.ref(layer))
                 return None
             facts = _ModelFacts(_compat.current_vllm_config())
             method = (
@@ -122,8 +129,12 @@ class _HeadOnlyConfig(QuantizationConfig):
             )
             self._offered = True
             self._candidates.append(weakref.ref(layer))
+            self._embeddings.append(weakref.ref(layer))
+            if isinstance(method, QuantizedHeadMethod):
+                method.peers = self._embeddings
             return method
         if isinstance(layer, LinearBase):
+            self._watch(layer)
             return UnquantizedLinearMethod()  # None would raise in LinearBase; this is vLLM's default
         if isinstance(layer, AttentionLayerBase):
             self._check_offered(layer)
@@ -138,7 +149,28 @@ class _HeadOnlyConfig(QuantizationConfig):
             return
         if self._head_bound or self._offered or not _compat.is_last_pp_rank():
             return
-        architecture = _ModelFacts(_compat.current_vllm_config()).architecture
+        self._raise_not_bound(_ModelFacts(_compat.current_vllm_config()).architecture)
+
+    def _watch(self, layer: torch.nn.Module) -> None:
+        """The second, independent never-silent signal: a check before the first forward of the first linear layer
+        (vLLM's start-up profiling run, after the whole model was built and loaded). Unlike the attention re-ask
+        above, it needs nothing from vLLM beyond running the model, so it also covers attention-free models and a
+        vLLM that stops re-asking. The hook returns nothing (the layer computes as before) and removes itself after
+        its first eager call; under torch.compile it is traced as a constant check."""
+        if self._watching or not _compat.is_last_pp_rank():  # other pipeline stages hold no head
+            return
+        self._watching = True
+        architecture = _ModelFacts(_compat.current_vllm_config()).architecture  # known while the model is built
+
+        def check(module, args):
+            if not (self._head_bound or self._offered):
+                self._raise_not_bound(architecture)
+            if not torch.compiler.is_compiling():
+                handle.remove()
+
+        handle = layer.register_forward_pre_hook(check)
+
+    def _raise_not_bound(self, architecture: str) -> None:
         raise HeadNotBoundError(
             f"--quantization {self.name}: vLLM's {architecture} builds its LM head (and input embedding) without "
             "passing the quantization config, so the method would silently do nothing. This architecture is not "
@@ -153,7 +185,9 @@ class _HeadOnlyConfig(QuantizationConfig):
                 layer.quant_method = UnquantizedEmbeddingMethod()
         self._candidates.clear()
 
-    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool) -> QuantizeMethodBase:
+    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool, module: bool = False) -> QuantizeMethodBase:
+        """``tied``: the config says the head shares the input embeddings' table; ``module``: the layer is a
+        ``ParallelLMHead`` (else an input embedding that may serve as the head)."""
         raise NotImplementedError
 
 
@@ -163,7 +197,7 @@ class FP32HeadConfig(_HeadOnlyConfig):
 
     name = "bf16_last_layer_fp32"
 
-    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool) -> QuantizeMethodBase:
+    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool, module: bool = False) -> QuantizeMethodBase:
         if facts.options != HeadOptions():
             raise ValueError(
                 '--additional-config "lm_head_quant" options apply to fp8_lm_head and int8_lm_head only; '
@@ -191,7 +225,7 @@ class _QuantizedHeadConfig(_HeadOnlyConfig):
 
     fmt: Format
 
-    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool) -> QuantizeMethodBase:
+    def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool, module: bool = False) -> QuantizeMethodBase:
         if facts.head_dtype is not None and facts.dtype is not None and facts.head_dtype != facts.dtype:
             raise ValueError(
                 f'{self.name} cannot be combined with hf_overrides {{"head_dtype": ...}}: vLLM computes that '
@@ -201,10 +235,20 @@ class _QuantizedHeadConfig(_HeadOnlyConfig):
         # "auto": float32. The bf16 rounding of logits alone flips ~2 % of a real model's top-1 tokens and the
         # kernel's fp32 store costs no decode time (docs/accuracy.md); vLLM's sampler upcasts to fp32 anyway.
         logits_dtype = None if facts.options.logits_dtype == "model" else torch.float32
-        if tied and facts.options.tied == "keep":
+        keep = facts.options.tied == "keep"
+        if tied and keep and not module:  # an input embedding that may be the head: its table serves lookups too
             return TiedBF16HeadMethod(prefix, facts.architecture, method_name=self.name)
+        # A ParallelLMHead: whether it really shares the embeddings' table is seen from the built modules once the
+        # weights are loaded (QuantizedHeadMethod.process_weights_after_loading), not read from the config.
         return QuantizedHeadMethod(
-            prefix, facts.architecture, fmt=self.fmt, method_name=self.name, shared=tied, logits_dtype=logits_dtype
+            prefix,
+            facts.architecture,
+            fmt=self.fmt,
+            method_name=self.name,
+            shared=tied and not keep,
+            keep_tied=keep,
+            retie_if_equal=getattr(facts, "untied_by_checkpoint", False),
+            logits_dtype=logits_dtype,
         )
 
 

@@ -63,10 +63,19 @@ def quantized_logits(
         from vllm_lmhead_quant.kernels import weight_only
 
         if weight_only.is_supported(x):  # keeps x's leading dims
-            if bias is None:
-                return weight_only.weight_only_mm(x, q, scale, out_dtype)
-            out = weight_only.weight_only_mm(x, q, scale, torch.float32)
-            return (out + bias.to(torch.float32)).to(out_dtype)
+            try:
+                if bias is None:
+                    return weight_only.weight_only_mm(x, q, scale, out_dtype)
+                out = weight_only.weight_only_mm(x, q, scale, torch.float32)
+                return (out + bias.to(torch.float32)).to(out_dtype)
+            except weight_only.KernelUnavailable:  # did not compile here (logged once): the generic path from now on
+                pass
+    return chunked_logits(x, q, scale, bias, out_dtype=out_dtype)
+
+
+def chunked_logits(x, q, scale, bias=None, *, out_dtype: torch.dtype) -> torch.Tensor:
+    """The generic path: ``CHUNK_ROWS`` vocab rows at a time converted to the activation dtype (exact) and multiplied
+    with fp32 accumulation. Any device; never a full copy of the head."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape[0], q.shape[0], dtype=out_dtype, device=x.device)
     for start in range(0, q.shape[0], CHUNK_ROWS):
@@ -83,3 +92,48 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda and a.dtype in _HALF:
         return torch.mm(a, b.t(), out_dtype=torch.float32)
     return F.linear(a.float(), b.float())
+
+
+# The generic path's decode time relative to the bf16 head, measured (docs/bench/kernel_paths.md): what the start-up
+# log line quotes where the fused kernel does not run.
+GENERIC_COST = {
+    "cuda": "7-12x the bf16 head's decode time at hidden 4096 and 14-30x at hidden 1024 (measured on an H200)",
+    "cpu": "3-80x the bf16 head's time (measured on 2 CPU cores, vocab 49152-151936; FP8 is the slowest)",
+}
+
+
+def head_path(device: torch.device, q_dtype: torch.dtype) -> tuple[int, str]:
+    """(log level, one line): how a quantized head on ``device`` runs, and what it costs where that is slower than
+    the bf16 head. Said once per engine at start-up, so a slow path is never silent."""
+    import logging
+
+    if device.type != "cuda":
+        return logging.WARNING, (
+            f"on {device.type.upper()} the head converts {CHUNK_ROWS}-row chunks of the one-byte weight per call: "
+            f"{GENERIC_COST['cpu']}. It saves memory, not time; the fast path needs a GPU"
+        )
+    from vllm_lmhead_quant.kernels import device as kdevice
+    from vllm_lmhead_quant.kernels import weight_only
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    path = kdevice.device_path(index) if weight_only.HAS_TRITON else None
+    if path is None:
+        facts = kdevice.facts(index)
+        why = "Triton is not installed" if not weight_only.HAS_TRITON else f"SM {facts.capability} has no kernel path"
+        return logging.WARNING, (
+            f"{why} on {facts.name}: the head converts {CHUNK_ROWS}-row chunks of the one-byte weight per call, "
+            f"{GENERIC_COST['cuda']}. Use bf16_last_layer_fp32 or no flag there unless memory is what you need"
+        )
+    line = f"fused weight-only kernel, {path.describe()}"
+    if q_dtype == torch.float8_e4m3fn and not path.fp8_convert:
+        return logging.WARNING, f"{line}. {FP8_BITS_COST}"
+    return logging.INFO, line
+
+
+# The FP8 bit-decoding path against the bf16 head at decode (M <= 64), measured with that path forced on an H200
+# (docs/bench/kernel_paths.md); an A100 has less bandwidth per integer op, so its own ratio is likely lower.
+FP8_BITS_COST = (
+    "Without an e4m3 convert instruction the FP8 head decodes its bytes: 0.77-0.89x the bf16 head's decode time at "
+    "hidden 4096 but 0.96-1.27x at hidden 1024 (H200, this path forced). int8_lm_head needs no FP8 hardware, is "
+    "faster here (0.66-0.79x at hidden 4096) and 4-5x more accurate"
+)

@@ -57,7 +57,7 @@ def quantize_rows(weight: torch.Tensor, fmt: Format = FP8, *, name: str = "weigh
 
 
 def _quantize_chunk(part: torch.Tensor, fmt: Format, name: str, first_row: int):
-    rows = part.float()
+    rows = part.to(torch.float32, copy=True)  # a copy even for fp32 input: the maths below runs in place
     if not bool(torch.isfinite(rows).all()):
         bad = first_row + int((~torch.isfinite(rows)).any(dim=1).nonzero()[0, 0])
         raise ValueError(
@@ -65,9 +65,9 @@ def _quantize_chunk(part: torch.Tensor, fmt: Format, name: str, first_row: int):
             "Fix the checkpoint (or the weight update) before loading it with a quantized head."
         )
     s = (rows.abs().amax(dim=1) / fmt.qmax).clamp_min(MIN_SCALE)
-    scaled = (rows / s[:, None]).clamp(-fmt.qmax, fmt.qmax)
+    scaled = rows.div_(s[:, None]).clamp_(-fmt.qmax, fmt.qmax)  # in place: one fp32 copy of the chunk at a time
     if fmt.dtype == torch.int8:
-        scaled = scaled.round()  # half to even; the clamp keeps |q| <= 127
+        scaled.round_()  # half to even; the clamp keeps |q| <= 127
     return scaled.to(fmt.dtype), s
 
 

