@@ -130,6 +130,20 @@ def load(vc, layer, w) -> None:
     finish_loading(vc, layer)
 
 
+def lookup(vc, emb, ids, w):
+    """The embedding's rows for ``ids`` and the table they must equal (the dequantized one for a one-byte table)."""
+    import torch
+    from vllm.config import set_current_vllm_config
+
+    from vllm_lmhead_quant.quant import dequantize_rows
+
+    with set_current_vllm_config(vc):
+        looked_up = emb(ids)
+    if emb.weight.dtype == torch.bfloat16:
+        return looked_up, w
+    return looked_up, dequantize_rows(emb.weight[:VOCAB], emb.weight_scale[:VOCAB], torch.bfloat16)
+
+
 def logits(vc, head, x, **kw):
     """vLLM 0.33's LogitsProcessor, built under ``vc`` (it reads head_dtype from the current config)."""
     from vllm.config import set_current_vllm_config
@@ -271,9 +285,6 @@ def quant_method_embedding() -> dict:
     embedding *is* the head) keeps the head method and computes the head's logits."""
     import torch
     import torch.nn.functional as F
-    from vllm.config import set_current_vllm_config
-
-    from vllm_lmhead_quant.quant import dequantize_rows
 
     out = {}
     w, x = weights(1)
@@ -302,13 +313,8 @@ def quant_method_embedding() -> dict:
         head = build_head(head_vc)
         load(head_vc, head, w)
         ids = torch.tensor([0, 5, 999, 17])
-        with set_current_vllm_config(vc):
-            looked_up = emb(ids)
+        looked_up, table = lookup(vc, emb, ids, w)
         got = logits(vc, emb, x)
-        if emb.weight.dtype == torch.bfloat16:
-            table = w
-        else:
-            table = dequantize_rows(emb.weight[:VOCAB], emb.weight_scale[:VOCAB], torch.bfloat16)
         out[f"{method}/alias"] = {
             "method": qualname(emb.quant_method),
             "weight_dtype": str(emb.weight.dtype),
@@ -549,9 +555,6 @@ def tie_weights() -> dict:
     vLLM's own post-load step on the model's module tree."""
     import torch
     import torch.nn.functional as F
-    from vllm.config import set_current_vllm_config
-
-    from vllm_lmhead_quant.quant import dequantize_rows
 
     out = {}
     w, x = weights(6)
@@ -580,13 +583,8 @@ def tie_weights() -> dict:
         emb.weight.weight_loader(emb.weight, w)
         finish_loading(vc, model)
         tied_head = model.lm_head  # (vLLM's re-tying may replace it; it does not here: the config ties already)
-        with set_current_vllm_config(vc):
-            looked_up = emb(ids)
+        looked_up, table = lookup(vc, emb, ids, w)
         got = logits(vc, tied_head, x)
-        if emb.weight.dtype == torch.bfloat16:
-            table = w
-        else:
-            table = dequantize_rows(emb.weight[:VOCAB], emb.weight_scale[:VOCAB], torch.bfloat16)
         params = dict(model.named_parameters()).values()  # deduplicated, as vLLM counts the model's bytes
         facts.update(
             head_method=qualname(tied_head.quant_method),
