@@ -200,6 +200,25 @@ if HAS_TRITON:
         else:
             return w.to(act_dtype)
 
+    @triton.jit
+    def _scale_and_store(acc, s, t, y_ptr, rm, rn, M, N, stride_ym, SWAP_AB: tl.constexpr, TOKEN_SCALE: tl.constexpr):
+        """Both kernels' epilogue: the per-row scales ``s``, then (fp16 math) the per-token powers of two ``t``, exact
+        after the one rounding of acc * s; one store in y's dtype, masked to [M, N]."""
+        rm64 = rm.to(tl.int64)
+        if SWAP_AB:  # acc is [BLOCK_N, BLOCK_M]
+            acc = acc * s[:, None]
+            if TOKEN_SCALE:
+                acc = acc * t[None, :]
+            y_ptrs = y_ptr + rm64[None, :] * stride_ym + rn[:, None]
+            mask = (rm[None, :] < M) & (rn[:, None] < N)
+        else:
+            acc = acc * s[None, :]
+            if TOKEN_SCALE:
+                acc = acc * t[:, None]
+            y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :]
+            mask = (rm[:, None] < M) & (rn[None, :] < N)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
     # M is not specialized (Triton would otherwise compile M == 1 and M % 16 == 0 variants): one binary per
     # config serves every M of its bucket, so a warm-up with any M covers CUDA-graph capture of the others.
     @triton.jit(do_not_specialize=["M"])
@@ -265,20 +284,10 @@ if HAS_TRITON:
         s = tl.load(s_ptr + rn_ld)
         if q_ptr.dtype.element_ty == tl.uint8:  # decoded e4m3 is 2^-8 times its value
             s = s * 256.0
-        rm64 = rm.to(tl.int64)
-        if SWAP_AB:
-            acc = acc * s[:, None]
-            if TOKEN_SCALE:  # exact: a power of two, after the one rounding of acc * s
-                acc = acc * tl.load(t_ptr + rm_ld)[None, :]
-            y_ptrs = y_ptr + rm64[None, :] * stride_ym + rn[:, None]
-            mask = (rm[None, :] < M) & (rn[:, None] < N)
-        else:
-            acc = acc * s[None, :]
-            if TOKEN_SCALE:
-                acc = acc * tl.load(t_ptr + rm_ld)[:, None]
-            y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :]
-            mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        t = s  # placeholder, unused without TOKEN_SCALE
+        if TOKEN_SCALE:
+            t = tl.load(t_ptr + rm_ld)
+        _scale_and_store(acc, s, t, y_ptr, rm, rn, M, N, stride_ym, SWAP_AB, TOKEN_SCALE)
 
     @triton.jit(do_not_specialize=["M"])
     def _wo_tma_kernel(
@@ -320,22 +329,10 @@ if HAS_TRITON:
         s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
         if q_desc.dtype == tl.uint8:  # decoded e4m3 is 2^-8 times its value
             s = s * 256.0
-        rm64 = rm.to(tl.int64)
+        t = s  # placeholder, unused without TOKEN_SCALE
         if TOKEN_SCALE:
             t = tl.load(t_ptr + rm, mask=rm < M, other=0.0)
-        if SWAP_AB:
-            acc = acc * s[:, None]
-            if TOKEN_SCALE:
-                acc = acc * t[None, :]
-            y_ptrs = y_ptr + rm64[None, :] * stride_ym + rn[:, None]
-            mask = (rm[None, :] < M) & (rn[:, None] < N)
-        else:
-            acc = acc * s[None, :]
-            if TOKEN_SCALE:
-                acc = acc * t[:, None]
-            y_ptrs = y_ptr + rm64[:, None] * stride_ym + rn[None, :]
-            mask = (rm[:, None] < M) & (rn[None, :] < N)
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        _scale_and_store(acc, s, t, y_ptr, rm, rn, M, N, stride_ym, SWAP_AB, TOKEN_SCALE)
 
     @triton.jit
     def _pow2_fp16_kernel(x_ptr, o_ptr, t_ptr, K, stride_xm, stride_om, BLOCK_K: tl.constexpr):
