@@ -1,12 +1,15 @@
-"""Tensor parallel on a multi-GPU host: both head methods at TP=2 against vLLM's fp32 head, memory per rank, speed.
+"""Tensor parallel on a multi-GPU host: every head at TP=N and TP=1, memory per rank, speed and host time per call.
 
-    python benchmarks/gpu_tp.py --out DIR [--tp 2]
+    source benchmarks/device_env.sh     # (after the bundle is installed) the entry point for the TP workers
+    python benchmarks/gpu_tp.py --out DIR [--tp 2] [--heads bf16,oracle,fp32,fp8,int8] [--tps 2,1] [--profile]
+    python benchmarks/gpu_tp.py --out DIR --tp 2 --throughput   # decode tok/s, Qwen3-8B-shaped dummy model
 
-Needs the package pip-installed (worker processes register the plugin through its entry point) and
-``NCCL_NVLS_ENABLE=0``. On the Qwen3-0.6B-shaped random checkpoint of ``gpu_e2e.py`` (vocab 151936, untied), eager:
-``bf16_last_layer_fp32`` at TP=N vs ``hf_overrides={"head_dtype": "float32"}`` at TP=N (bitwise), ``fp8_lm_head``
-bytes per rank, logprobs at TP=N vs TP=1, and ``model.compute_logits`` timed inside the workers (CUDA events,
-median of 50, gather included) at TP=N and TP=1. Writes ``gpu_tp.json`` into DIR.
+On the Qwen3-0.6B-shaped random checkpoint of ``gpu_e2e.py`` (vocab 151936, untied), eager: ``bf16_last_layer_fp32``
+at TP=N vs ``hf_overrides={"head_dtype": "float32"}`` at TP=N (bitwise), bytes per rank, logprobs at TP=N vs TP=1,
+and ``model.compute_logits`` timed inside the workers (all ranks at once, gather included): CUDA events (median of
+50), back-to-back calls without a sync (host-bound time per call) and, with ``--profile``, the host time of the
+head GEMM alone, of vLLM's gather alone, and the top host-side ops and Python functions of one rank's calls.
+Writes ``gpu_tp.json`` (or ``gpu_tp_throughput.json``) into DIR.
 """
 
 from __future__ import annotations
@@ -24,69 +27,131 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_e2e  # noqa: E402  (sets vLLM env defaults; builds checkpoints)
 
 MODEL = "qwen3-0.6b-shape-untied"
+BIG = "qwen3-8b-shape-dummy"
 
 
-def head_facts(model) -> dict:
-    """Runs on every rank (apply_model): the head's storage on this rank, and compute_logits timings."""
+def make_facts(profile: bool):
+    """The function run on every rank (``LLM.apply_model``); a closure, so it travels by value to the workers."""
+
+    def head_facts(model) -> dict:
+        import torch
+
+        head, lp = model.lm_head, model.logits_processor
+        out = {
+            "method": type(head.quant_method).__name__,
+            "dtype": str(head.weight.dtype),
+            "shape": list(head.weight.shape),
+            "param_bytes": sum(p.numel() * p.element_size() for p in head.parameters(recurse=False)),
+        }
+        hidden = head.weight.shape[1]
+        act = next(p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight"))
+
+        def timed(fn, n=50) -> tuple[float, float, float]:
+            """(CUDA-event median, host per call back to back, wall per call back to back), µs."""
+            for _ in range(5):
+                fn()
+            times = []
+            for _ in range(n):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1e3)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host = (time.perf_counter() - t0) / n * 1e6
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / n * 1e6
+            return sorted(times)[n // 2], host, wall
+
+        for m in (1, 64, 256):
+            x = torch.randn(m, hidden, device=head.weight.device, dtype=act)
+            ev, host, wall = timed(lambda x=x: model.compute_logits(x))
+            for key, v in (("logits_us", ev), ("host_us", host), ("back_to_back_us", wall)):
+                out.setdefault(key, {})[m] = round(v, 1)
+            if profile:
+                y = lp._apply_head(head, x, None)
+                parts = {"head": lambda x=x: lp._apply_head(head, x, None), "gather": lambda y=y: lp._gather_logits(y)}
+                for name, fn in parts.items():
+                    ev, host, wall = timed(fn)
+                    out.setdefault(f"{name}_only", {})[m] = {"event_us": round(ev, 1), "host_us": round(host, 1),
+                                                            "back_to_back_us": round(wall, 1)}  # fmt: skip
+        if profile:
+            out["profile_m1"] = host_profile(model, torch.randn(1, hidden, device=head.weight.device, dtype=act))
+        return out
+
+    return head_facts
+
+
+def host_profile(model, x, calls: int = 100) -> dict:
+    """Where one rank's host time per ``compute_logits`` goes: torch.profiler's CPU ops and cProfile's Python
+    functions, per call."""
+    import cProfile
+    import io
+    import pstats
+
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
-    head = model.lm_head
-    out = {
-        "method": type(head.quant_method).__name__,
-        "dtype": str(head.weight.dtype),
-        "shape": list(head.weight.shape),
-        "param_bytes": sum(p.numel() * p.element_size() for p in head.parameters(recurse=False)),
-        "logits_us": {},
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            model.compute_logits(x)
+        torch.cuda.synchronize()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        model.compute_logits(x)
+    pr.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(18)
+    return {
+        "calls": calls,
+        "cpu_ops": [
+            {"name": e.key[:100], "count": e.count, "self_us_per_call": round(e.self_cpu_time_total / calls, 2)}
+            for e in ops
+        ],
+        "cprofile": buf.getvalue()[-6000:],
     }
-    hidden = head.weight.shape[1]
-    act = next(p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight"))
-    for m in (1, 64, 256):
-        x = torch.randn(m, hidden, device=head.weight.device, dtype=act)
-        for _ in range(5):
-            model.compute_logits(x)
-        times = []
-        for _ in range(50):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            model.compute_logits(x)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-        out["logits_us"][m] = sorted(times)[len(times) // 2]
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(50):  # back to back, no sync: host time per call when the host is the bottleneck
-            model.compute_logits(x)
-        host = (time.perf_counter() - t0) / 50 * 1e6
-        torch.cuda.synchronize()
-        out.setdefault("back_to_back_us", {})[m] = (time.perf_counter() - t0) / 50 * 1e6
-        out.setdefault("host_us", {})[m] = host
-    return out
 
 
-def run_one(path: str, kw: dict) -> dict:
+def run_one(path: str, kw: dict, profile: bool) -> dict:
     from vllm import LLM
 
     llm = LLM(model=path, skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.5,
               max_model_len=2048, seed=0, **kw)  # fmt: skip
-    return {**gpu_e2e.greedy_logprobs(llm), "ranks": llm.apply_model(head_facts)}
+    return {**gpu_e2e.greedy_logprobs(llm), "ranks": llm.apply_model(make_facts(profile))}
 
 
-def isolated(path: str, kw: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps({"path": path, "kw": kw})],
-                          capture_output=True, text=True)  # fmt: skip
+def run_throughput(path: str, kw: dict) -> dict:
+    return gpu_e2e.throughput(path, False, {**gpu_e2e.DUMMY_KW, **kw}, n_seqs=64, new_tokens=128, repeats=3)
+
+
+def isolated(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0 or "@@RESULT@@" not in log:
-        raise RuntimeError(f"{kw} failed:\n{log[-3000:]}")
-    return json.loads(log.split("@@RESULT@@")[1])
+        raise RuntimeError(f"{spec['kw']} failed:\n{log[-3000:]}")
+    res = json.loads(log.split("@@RESULT@@")[1])
+    res["plugin_lines"] = [ln.split("[vllm_lmhead_quant]")[-1].strip()[:200] for ln in log.splitlines()
+                           if "[vllm_lmhead_quant]" in ln]  # fmt: skip
+    return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
     ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--tps", default=None, help="comma-separated TP sizes to run (default: --tp and 1)")
+    ap.add_argument("--heads", default="bf16,oracle,fp32,fp8,int8")
+    ap.add_argument("--profile", action="store_true", help="host-time breakdown and profiles in the workers")
+    ap.add_argument("--throughput", action="store_true", help="decode tok/s at --tp on the Qwen3-8B-shaped model")
     ap.add_argument("--models", default="/tmp/lmhq-models")
-    ap.add_argument("--runs", help="comma-separated subset of the run names (default: all)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -94,42 +159,63 @@ def main() -> int:
 
         vllm_lmhead_quant.register()  # this process; the TP workers get it from the entry point
         spec = json.loads(args.one)
-        print("@@RESULT@@" + json.dumps(run_one(spec["path"], spec["kw"])) + "@@RESULT@@", flush=True)
+        res = run_throughput(spec["path"], spec["kw"]) if spec.get("throughput") else run_one(
+            spec["path"], spec["kw"], spec.get("profile", False))  # fmt: skip
+        print("@@RESULT@@" + json.dumps(res) + "@@RESULT@@", flush=True)
         return 0
     import torch
     import vllm
 
     os.makedirs(args.out, exist_ok=True)
-    path = gpu_e2e.build(MODEL, args.models)
-    tp = {"tensor_parallel_size": args.tp}
-    plan = {
-        f"oracle_tp{args.tp}": {**gpu_e2e.ORACLE, **tp},
-        f"fp32_tp{args.tp}": {**gpu_e2e.FP32, **tp},
-        f"fp8_tp{args.tp}": {**gpu_e2e.FP8, **tp},
-        "oracle_tp1": gpu_e2e.ORACLE,
-        "fp8_tp1": gpu_e2e.FP8,
-    }
     report = {"gpu": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}", "torch": torch.__version__,
-              "vllm": vllm.__version__, "model": MODEL, "runs": {}}  # fmt: skip
-    if args.runs:
-        plan = {k: v for k, v in plan.items() if k in args.runs.split(",")}
-    runs = {}
-    for name, kw in plan.items():
-        runs[name] = r = isolated(path, kw)
-        report["runs"][name] = {"ranks": r["ranks"]}
-        print(name, json.dumps(r["ranks"]), flush=True)
-        with open(os.path.join(args.out, "gpu_tp.json"), "w") as f:
-            json.dump(report, f, indent=1)
-    n = args.tp
-    if len(runs) < len(plan) or args.runs:
+              "vllm": vllm.__version__, "runs": {}}  # fmt: skip
+    heads = args.heads.split(",")
+    if args.throughput:
+        report["model"] = BIG
+        path = gpu_e2e.build(BIG, args.models)
+        out = os.path.join(args.out, "gpu_tp_throughput.json")
+        for h in heads:
+            kw = {**gpu_e2e.HEADS[h], "tensor_parallel_size": args.tp}
+            t0 = time.time()
+            try:
+                report["runs"][f"{h}_tp{args.tp}"] = r = isolated({"path": path, "kw": kw, "throughput": True})
+            except RuntimeError as e:
+                report["runs"][f"{h}_tp{args.tp}"] = r = {"error": str(e)[-1500:]}
+            print(h, round(time.time() - t0), json.dumps({k: v for k, v in r.items() if "all" not in k})[:600],
+                  flush=True)  # fmt: skip
+            with open(out, "w") as f:
+                json.dump(report, f, indent=1)
         return 0
-    report["fp32_tp_vs_oracle_tp"] = gpu_e2e.compare(runs[f"fp32_tp{n}"], runs[f"oracle_tp{n}"])
-    report["oracle_tp_vs_tp1"] = gpu_e2e.compare(runs[f"oracle_tp{n}"], runs["oracle_tp1"])
-    report["fp8_tp_vs_fp8_tp1"] = gpu_e2e.compare(runs[f"fp8_tp{n}"], runs["fp8_tp1"])
-    report["fp8_tp_vs_oracle_tp"] = gpu_e2e.compare(runs[f"fp8_tp{n}"], runs[f"oracle_tp{n}"])
-    for k in ("fp32_tp_vs_oracle_tp", "oracle_tp_vs_tp1", "fp8_tp_vs_fp8_tp1", "fp8_tp_vs_oracle_tp"):
-        print(k, json.dumps(report[k]), flush=True)
-    with open(os.path.join(args.out, "gpu_tp.json"), "w") as f:
+    report["model"] = MODEL
+    path = gpu_e2e.build(MODEL, args.models)
+    tps = [int(t) for t in (args.tps or f"{args.tp},1").split(",")]
+    runs = {}
+    out = os.path.join(args.out, "gpu_tp.json")
+    for tp in tps:
+        for h in heads:
+            name = f"{h}_tp{tp}"
+            t0 = time.time()
+            try:
+                runs[name] = r = isolated({"path": path, "kw": {**gpu_e2e.HEADS[h], "tensor_parallel_size": tp},
+                                           "profile": args.profile})  # fmt: skip
+            except RuntimeError as e:
+                report["runs"][name] = {"error": str(e)[-1500:]}
+                print(name, "FAILED", str(e)[-800:], flush=True)
+                continue
+            report["runs"][name] = {"ranks": r["ranks"], "plugin_lines": r["plugin_lines"]}
+            brief = [{k: rk[k] for k in ("method", "logits_us", "host_us", "back_to_back_us")} for rk in r["ranks"]]
+            print(name, round(time.time() - t0), json.dumps(brief), flush=True)
+            with open(out, "w") as f:
+                json.dump(report, f, indent=1)
+    cmp = report["comparisons"] = {}
+    for a, b in [("fp32_tp{n}", "oracle_tp{n}"), ("oracle_tp{n}", "oracle_tp1"), ("fp8_tp{n}", "fp8_tp1"),
+                 ("int8_tp{n}", "int8_tp1"), ("fp8_tp{n}", "oracle_tp{n}"), ("int8_tp{n}", "oracle_tp{n}"),
+                 ("bf16_tp{n}", "oracle_tp{n}")]:  # fmt: skip
+        a, b = a.format(n=tps[0]), b.format(n=tps[0])
+        if a in runs and b in runs and a != b:
+            cmp[f"{a}_vs_{b}"] = gpu_e2e.compare(runs[a], runs[b])
+            print(f"{a}_vs_{b}", json.dumps(cmp[f"{a}_vs_{b}"]), flush=True)
+    with open(out, "w") as f:
         json.dump(report, f, indent=1)
     return 0
 
