@@ -30,10 +30,11 @@ MODEL = "qwen3-0.6b-shape-untied"
 BIG = "qwen3-8b-shape-dummy"
 
 
-def make_facts(profile: bool):
-    """The function run on every rank (``LLM.apply_model``); a closure, so it travels by value to the workers."""
-
-    def head_facts(model) -> dict:
+def head_facts(model) -> dict:
+    """Runs on every rank (``LLM.apply_model``; pickled by reference, so module level). ``--profile`` reaches the
+    workers through the environment they inherit."""
+    profile = os.environ.get("LMHQ_BENCH_PROFILE") == "1"
+    if True:
         import torch
 
         head, lp = model.lm_head, model.logits_processor
@@ -83,8 +84,6 @@ def make_facts(profile: bool):
             out["profile_m1"] = host_profile(model, torch.randn(1, hidden, device=head.weight.device, dtype=act))
         return out
 
-    return head_facts
-
 
 def host_profile(model, x, calls: int = 100) -> dict:
     """Where one rank's host time per ``compute_logits`` goes: torch.profiler's CPU ops and cProfile's Python
@@ -123,9 +122,10 @@ def host_profile(model, x, calls: int = 100) -> dict:
 def run_one(path: str, kw: dict, profile: bool) -> dict:
     from vllm import LLM
 
+    os.environ["LMHQ_BENCH_PROFILE"] = "1" if profile else "0"
     llm = LLM(model=path, skip_tokenizer_init=True, enforce_eager=True, gpu_memory_utilization=0.5,
               max_model_len=2048, seed=0, **kw)  # fmt: skip
-    return {**gpu_e2e.greedy_logprobs(llm), "ranks": llm.apply_model(make_facts(profile))}
+    return {**gpu_e2e.greedy_logprobs(llm), "ranks": llm.apply_model(head_facts)}
 
 
 def run_throughput(path: str, kw: dict) -> dict:
