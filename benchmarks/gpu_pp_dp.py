@@ -8,7 +8,8 @@ for vLLM's fp32 head (``head_dtype`` oracle), ``bf16_last_layer_fp32``, ``int8_l
 oracle at PP 1: per stage, the head's module, method and bytes, every module holding one of our methods, and the
 plugin's log lines; logprobs vs the oracle at PP 2 and PP 2 vs PP 1.
 dp: ``vllm serve`` of a tiny checkpoint (with its tokenizer) at ``--data-parallel-size 2`` with ``int8_lm_head``: the
-plugin's log lines per replica and one completion with logprobs. Writes ``gpu_pp_dp.json`` into DIR.
+plugin's log lines per replica and one completion with logprobs. (vLLM 0.26 refuses offline ``LLM`` data parallel
+for dense models, so the server is the way users run it.) Writes ``gpu_pp_dp.json`` into DIR.
 """
 
 from __future__ import annotations
@@ -101,8 +102,16 @@ def part_dp(root: str, port: int = 8431) -> dict:
            "--data-parallel-size", "2", "--enforce-eager", "--max-model-len", "512", "--gpu-memory-utilization",
            "0.3", "--port", str(port), "--seed", "0"]  # fmt: skip
     log_path = os.path.join(root, "dp_serve.log")
+    # The GPU host's vLLM bundle lacks `jmespath`, which vLLM 0.26's API server imports (through its SageMaker
+    # routes) but never calls for completions: a stub module stands in for it (test plumbing, not the plugin).
+    stub = os.path.join(root, "stub")
+    os.makedirs(os.path.join(stub, "jmespath"), exist_ok=True)
+    with open(os.path.join(stub, "jmespath", "__init__.py"), "w") as f:
+        f.write("def search(*a, **k):\n    raise NotImplementedError\n\ndef compile(*a, **k):\n"
+                "    raise NotImplementedError\n")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": stub + os.pathsep + os.environ.get("PYTHONPATH", "")}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     res: dict = {"cmd": " ".join(cmd[2:])}
     try:
         deadline = time.time() + 300
