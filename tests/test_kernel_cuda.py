@@ -307,3 +307,45 @@ def test_a_config_that_does_not_fit_is_shrunk_once_with_one_warning(caplog, monk
     assert smaller.num_stages < huge.num_stages or smaller.block_k < huge.block_k
     warnings = [r for r in caplog.records if "does not fit" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+
+@pytest.mark.parametrize("k", [1024, 4096])
+def test_bound_kernel_is_bitwise_weight_only_mm(k):
+    """BoundKernel (the head's per-call fast path) gives weight_only_mm's bits at every batch size and output dtype,
+    serves repeated signatures from its kept plans, follows in-place weight updates, and declines to keep a plan for
+    inputs that needed a copy."""
+    q, scale = _weight(151936 // 2 + 7, k)
+    q, scale = q.clone(), scale.clone()  # updated in place below
+    bound = wo.BoundKernel(q, scale)
+    for m in (1, 7, 64, 200):
+        x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+        for out_dtype in (torch.float32, torch.bfloat16):
+            ref = wo.weight_only_mm(x, q, scale, out_dtype)
+            first, again = bound(x, out_dtype), bound(x.clone(), out_dtype)
+            assert torch.equal(first, ref) and torch.equal(again, ref), f"M={m} {out_dtype}"
+    assert bound.hits == (8 if wo.FAST_LAUNCH else 0), bound.plans.keys()
+    x = torch.randn(64, k, device=DEV, dtype=torch.bfloat16)
+    new_q, new_scale = quantize_rows(torch.randn(q.shape, device=DEV, dtype=torch.bfloat16) * 0.02, _FMT)
+    q.copy_(new_q)  # what the RL weight loader does: same storage, new values
+    scale.copy_(new_scale)
+    assert torch.equal(bound(x, torch.float32), wo.weight_only_mm(x, new_q, new_scale, torch.float32))
+    strided = torch.randn(64, k + 8, device=DEV, dtype=torch.bfloat16)[:, 3 : 3 + k]  # needs a copy: no plan kept
+    kept = len(bound.plans)
+    assert torch.equal(bound(strided, torch.float32), wo.weight_only_mm(strided, q, scale, torch.float32))
+    assert len(bound.plans) == kept
+
+
+def test_bound_kernel_in_cuda_graphs():
+    """A kept plan launches inside CUDA-graph capture (its first call compiled outside) and replays like eager."""
+    q, scale = _weight(151936 // 8, 2048)
+    bound = wo.BoundKernel(q, scale)
+    static_x = torch.randn(8, 2048, device=DEV, dtype=torch.bfloat16)
+    bound(static_x, torch.float32)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = bound(static_x, torch.float32)
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, wo.weight_only_mm(static_x, q, scale, torch.float32))

@@ -17,13 +17,26 @@ def test_valid():
     assert opts == HeadOptions("float32", "quantize")
 
 
+def test_body_takes_vllms_online_scheme_names():
+    from vllm_lmhead_quant import _compat
+
+    for scheme in _compat.online_quant_shorthands():
+        assert HeadOptions.from_additional_config({"lm_head_quant": {"body": scheme}}).body == scheme
+    assert HeadOptions().body is None
+
+
 @pytest.mark.parametrize(
     ("raw", "match"),
     [
         ("float32", "must be a JSON object"),
-        ({"logit_dtype": "float32"}, r"unknown key\(s\) \['logit_dtype'\]; allowed: \['logits_dtype', 'tied'\]"),
+        (
+            {"logit_dtype": "float32"},
+            r"unknown key\(s\) \['logit_dtype'\]; allowed: \['body', 'logits_dtype', 'tied'\]",
+        ),
         ({"logits_dtype": "bfloat16"}, r"must be one of \['auto', 'float32', 'model'\]"),
         ({"tied": True}, r"must be one of \['keep', 'quantize'\]"),
+        ({"body": "fp8"}, r"body\" must be one of vLLM's online quantization schemes \[.*'fp8_per_channel'.*got 'fp8'"),
+        ({"body": ["fp8_per_channel"]}, "online quantization schemes"),
     ],
 )
 def test_invalid(raw, match):

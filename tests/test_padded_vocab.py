@@ -140,6 +140,31 @@ def push_head_update(tensors: dict, model) -> None:
 # --- engine runs ----------------------------------------------------------------------------------------------------
 
 
+def start_counting_calls(model) -> None:
+    """Runs in each worker, on the thread that executes the model: from now on, count every call into a Python
+    function of this package (by qualified name) until stop_counting_calls."""
+    import collections
+    import sys
+
+    import vllm_lmhead_quant
+
+    root = os.path.dirname(vllm_lmhead_quant.__file__)
+    counts = model._lmhq_calls = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(root):
+            counts[frame.f_code.co_qualname] += 1
+
+    sys.setprofile(profile)
+
+
+def stop_counting_calls(model) -> dict:
+    import sys
+
+    sys.setprofile(None)
+    return dict(model._lmhq_calls)
+
+
 @contextlib.contextmanager
 def _env(tp: int):
     """vLLM's automatic CPU binding needs one NUMA node per rank; bind the two TP workers to one core each."""
@@ -170,9 +195,9 @@ def _checkpoint_table(path, name: str):
 class PaddedRun(Run):
     """check.Run (what check_model compares) plus the full-vocabulary outputs and every rank's head shard."""
 
-    def __init__(self, base: Run, *, full: Run, ranks: list, updated: list | None):
+    def __init__(self, base: Run, *, full: Run, ranks: list, updated: list | None, calls: list):
         super().__init__(base.tokens, base.sample, base.prompt, base.methods, base.head)
-        self.full, self.ranks, self.updated = full, ranks, updated
+        self.full, self.ranks, self.updated, self.calls = full, ranks, updated, calls
 
 
 def _run(path, tied_table: str, kwargs: dict) -> PaddedRun:
@@ -189,7 +214,9 @@ def _run(path, tied_table: str, kwargs: dict) -> PaddedRun:
             top5 = SamplingParams(max_tokens=8, temperature=0.0, logprobs=5, prompt_logprobs=5)
             every = SamplingParams(max_tokens=FULL_TOKENS, temperature=0.0, logprobs=-1, prompt_logprobs=-1)
             outs = llm.generate(PROMPTS, top5, use_tqdm=False)
+            llm.apply_model(start_counting_calls)  # steady state: the head was bound during the first generate
             full_outs = llm.generate(PROMPTS, every, use_tqdm=False)
+            calls = llm.apply_model(stop_counting_calls)
             methods, head = llm.apply_model(inspect_model)[0]
             ranks = llm.apply_model(inspect_padding)
             updated = None
@@ -210,7 +237,7 @@ def _run(path, tied_table: str, kwargs: dict) -> PaddedRun:
             prompt.append(_dicts(o.prompt_logprobs[1:]))
         return Run(tokens, sample, prompt, methods, head)
 
-    return PaddedRun(as_run(outs), full=as_run(full_outs), ranks=ranks, updated=updated)
+    return PaddedRun(as_run(outs), full=as_run(full_outs), ranks=ranks, updated=updated, calls=calls)
 
 
 @functools.cache
@@ -404,3 +431,26 @@ def test_quantized_within_bounds_of_the_oracle(cell, method, record_property):
     full_err = logprob_errors(run.full, oracle.full, prompt_only=True)
     record_property(f"{method}_full_vocab_prompt_vs_oracle", full_err)
     assert full_err["n"] > 0 and full_err["rms"] < rms_bound, full_err
+
+
+@pytest.mark.parametrize(("cell", "method"), [((a, 2), m) for a in ARCHS for m in METHODS],
+                         ids=[f"{cid}-{m}" for cid in CELL_IDS[1::2] for m in METHODS], indirect=["cell"])  # fmt: skip
+def test_per_call_work_at_tp2(cell, method, record_property):
+    """The regression guard of the TP host-time work (docs/tp.md): what our code runs per head call in a TP 2
+    engine once it is warm, counted in each worker. Per call only the head's own path; never a device query, a
+    config read, a kernel binding, a table lookup or a log call (each was once per-call host time on the GPU)."""
+    per_engine = {"bind_kernel", "device_path", "facts", "path_for", "head_path", "is_supported", "pick_config",
+                  "current_vllm_config", "_ModelFacts.__init__", "once", "for_device", "load"}  # fmt: skip
+    for rank, calls in enumerate(cell["runs"][method].calls):
+        applies = sum(n for name, n in calls.items() if name.endswith("Method.apply"))
+        record_property(f"rank{rank}_calls", json.dumps(calls, sort_keys=True))
+        assert applies >= FULL_TOKENS, calls
+        assert not [name for name in calls if name in per_engine or name.split(".")[-1] in per_engine], calls
+        lookups = ("embedding", "dequantize_rows")  # tied quantize: input-embedding lookups of the shared table
+        head_path = {name: n / applies for name, n in calls.items() if not name.endswith(lookups)}
+        expected = (
+            {"FP32HeadMethod.apply": 1, "fp32_logits": 1}
+            if method == "bf16_last_layer_fp32"
+            else {"QuantizedHeadMethod.apply": 1, "quantized_logits": 1, "chunked_logits": 1, "_mm_fp32": 1}
+        )
+        assert head_path == expected, calls

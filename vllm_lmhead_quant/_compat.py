@@ -77,3 +77,47 @@ def untied_by_checkpoint(model_config: Any) -> bool:
     """vLLM >= 0.32 builds a tied model's head untied when the checkpoint ships its own ``lm_head`` and re-ties it
     after loading if the two are equal (only for unquantized heads); older versions do not have the flag."""
     return bool(getattr(model_config, "word_embeddings_untied_by_checkpoint", False))
+
+
+def online_quant_shorthands() -> dict[str, Any]:
+    """vLLM's online quantization schemes, ``--quantization`` name -> ``QuantizationConfigArgs`` (which Linear/MoE
+    spec each one sets); {} for a vLLM without online quantization. The same private table in 0.26 (6 schemes),
+    0.32 and 0.33 (7, adding ``mxfp4``): vllm/config/quantization.py ``_ONLINE_SHORTHANDS``, which vLLM's own
+    ``get_quant_config`` reads for ``--quantization SCHEME``."""
+    try:
+        from vllm.config.quantization import _ONLINE_SHORTHANDS
+    except ImportError:
+        return {}
+    return dict(_ONLINE_SHORTHANDS)
+
+
+def online_quantization_config(args: Any) -> Any:
+    """vLLM's own ``OnlineQuantizationConfig(args)``, built exactly as ``get_quant_config`` builds it for
+    ``--quantization SCHEME`` on an unquantized checkpoint (same constructor in 0.26, 0.32 and 0.33:
+    vllm/model_executor/layers/quantization/online/base.py)."""
+    from vllm.model_executor.layers.quantization.online.base import OnlineQuantizationConfig
+
+    return OnlineQuantizationConfig(args)
+
+
+def composes_online_quantization() -> bool:
+    """True where vLLM composes an online config with the model's quantization config itself (vLLM >= 0.32): every
+    Linear/MoE layer asks ``base_config.resolve_quant_method``, which hands the layer to
+    ``quant_config.online_quantization_config`` when the config's own method leaves it unquantized, and the loader
+    logs and times that config. vLLM 0.26 asks only ``quant_config.get_quant_method``."""
+    from vllm.model_executor.layers.quantization import base_config
+
+    return hasattr(base_config, "resolve_quant_method")
+
+
+def registered_model(arch: str) -> tuple[str, str] | None:
+    """``(module, class)`` that vLLM's model registry will load for ``arch``, without importing it; None when the
+    architecture is unknown or registered as a class object. vLLM 0.26, 0.32 and 0.33 hold lazily imported entries
+    (``_LazyRegisteredModel``) with these two fields, for their own models and for plugins'
+    ``ModelRegistry.register_model(arch, "module:Class")``. models/__init__.py registers a subclass only over the
+    vLLM class it extends, so a vLLM that moves an architecture elsewhere (or another plugin's class) is left alone."""
+    from vllm import ModelRegistry
+
+    entry = ModelRegistry.models.get(arch)
+    module, cls = getattr(entry, "module_name", None), getattr(entry, "class_name", None)
+    return (module, cls) if module and cls else None

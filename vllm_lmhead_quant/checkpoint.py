@@ -11,6 +11,9 @@ method, so other checkpoints are never hijacked), after which vLLM calls our ``f
 ``Fp8Config``) with one override: ``get_quant_method`` hands the head (and head-candidate embeddings) to our head
 config and everything else to the checkpoint's class. Every attribute and ``isinstance`` check that vLLM's code makes
 on the config therefore behaves as without our flag, and the classes pickle by reference.
+
+The ``body`` option (vLLM's online quantization for an unquantized body, body.py) is refused here: the body is
+already the checkpoint's.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from vllm.model_executor.layers.quantization.fp8 import Fp8Config
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod, VocabParallelEmbedding
 
 from vllm_lmhead_quant._compat import AttentionLayerBase
+from vllm_lmhead_quant.body import refuse_over_checkpoint
 from vllm_lmhead_quant.config import FP8HeadConfig, FP32HeadConfig, Int8HeadConfig, _HeadOnlyConfig
 
 
@@ -43,6 +47,7 @@ class _HeadOverCheckpoint:
         return head
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        refuse_over_checkpoint(self._head.name, self)
         if isinstance(layer, VocabParallelEmbedding):
             own = super().get_quant_method(layer, prefix)
             if own is not None and not isinstance(own, (UnquantizedEmbeddingMethod, UnquantizedLinearMethod)):

@@ -14,6 +14,7 @@ The head is found by what it is, not by its name:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from typing import Any
@@ -30,6 +31,7 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
 
 from vllm_lmhead_quant import _compat, _log
 from vllm_lmhead_quant._compat import AttentionLayerBase
+from vllm_lmhead_quant.body import OnlineBody
 from vllm_lmhead_quant.methods.bf16_head import HeadNotBoundError, HeadProbeMethod, TiedBF16HeadMethod
 from vllm_lmhead_quant.methods.fp32_head import FP32HeadMethod
 from vllm_lmhead_quant.methods.quantized_head import QuantizedHeadMethod
@@ -51,8 +53,9 @@ class _ModelFacts:
         self.options = HeadOptions.from_additional_config(_compat.additional_config(vllm_config))
 
 
-class _HeadOnlyConfig(QuantizationConfig):
-    """Shared logic: which layer gets which method. Subclasses say what the head (and a tied head) gets."""
+class _HeadOnlyConfig(OnlineBody, QuantizationConfig):
+    """Shared logic: which layer gets which method. Subclasses say what the head (and a tied head) gets. With the
+    ``body`` option, vLLM's online quantization config decides every other Linear/MoE layer (body.py)."""
 
     name: str = ""
 
@@ -61,7 +64,9 @@ class _HeadOnlyConfig(QuantizationConfig):
         self._reset_runtime()
 
     # Runtime bookkeeping of one model construction; never pickled (the config travels to every process).
-    _RUNTIME = ("_head_bound", "_offered", "_candidates", "_embeddings", "_attention_seen", "_watching")
+    _RUNTIME = (
+        "_head_bound", "_offered", "_candidates", "_embeddings", "_attention_seen", "_watching", "_body_config"
+    )  # fmt: skip
 
     def _reset_runtime(self) -> None:
         self._head_bound = False  # a ParallelLMHead got our method
@@ -70,6 +75,7 @@ class _HeadOnlyConfig(QuantizationConfig):
         self._embeddings: list[weakref.ref] = []  # every input embedding offered: heads check what they share
         self._attention_seen: set[int] = set()
         self._watching = False  # a forward check sits on the first linear layer (see _watch)
+        self._body_config = None  # the body option's online config, built at the first layer (body.py)
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in self._RUNTIME}
@@ -135,10 +141,12 @@ class _HeadOnlyConfig(QuantizationConfig):
             return method
         if isinstance(layer, LinearBase):
             self._watch(layer)
-            return UnquantizedLinearMethod()  # None would raise in LinearBase; this is vLLM's default
+            # None would raise in LinearBase; UnquantizedLinearMethod is vLLM's default
+            return self.body_method(layer, prefix) or UnquantizedLinearMethod()
         if isinstance(layer, AttentionLayerBase):
             self._check_offered(layer)
-        return None  # attention, MoE, norms...: vLLM's default for "no quantization"
+        # attention, MoE, norms...: vLLM's default for "no quantization" (None), or on vLLM 0.26 the body's method
+        return self.body_method(layer, prefix)
 
     def _check_offered(self, layer: torch.nn.Module) -> None:
         """vLLM asks again for each attention layer's method in its own post-load step (after the whole model
@@ -198,10 +206,10 @@ class FP32HeadConfig(_HeadOnlyConfig):
     name = "bf16_last_layer_fp32"
 
     def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool, module: bool = False) -> QuantizeMethodBase:
-        if facts.options != HeadOptions():
+        if dataclasses.replace(facts.options, body=None) != HeadOptions():  # "body" applies to all three
             raise ValueError(
-                '--additional-config "lm_head_quant" options apply to fp8_lm_head and int8_lm_head only; '
-                "bf16_last_layer_fp32 always returns float32 logits. Remove them."
+                '--additional-config "lm_head_quant" options "logits_dtype" and "tied" apply to fp8_lm_head and '
+                "int8_lm_head only; bf16_last_layer_fp32 always returns float32 logits. Remove them."
             )
         if facts.dtype == torch.float32:
             _log.once(

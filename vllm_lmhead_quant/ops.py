@@ -52,25 +52,41 @@ def quantized_logits(
     bias: torch.Tensor | None = None,
     *,
     out_dtype: torch.dtype | None = None,
+    kernel=None,
 ) -> torch.Tensor:
     """``(x @ dequant(q, scale).T (+ bias))`` with weight-only numerics (``q`` FP8 or INT8), in ``out_dtype``.
 
-    CUDA with Triton: one fused kernel reads the quantized weight once (the fast path). Elsewhere: vocab chunks are
-    converted to the activation dtype (exact) and multiplied with fp32 accumulation; never a full copy.
+    CUDA with Triton: one fused kernel reads the quantized weight once (the fast path); ``kernel`` is that kernel
+    bound to ``(q, scale)`` by :func:`bind_kernel` (the head's method keeps one): same results, less host time per
+    call. Elsewhere: vocab chunks are converted to the activation dtype (exact) and multiplied with fp32
+    accumulation; never a full copy.
     """
     out_dtype = out_dtype or x.dtype
     if x.is_cuda:
         from vllm_lmhead_quant.kernels import weight_only
 
-        if weight_only.is_supported(x):  # keeps x's leading dims
-            try:
+        try:
+            if kernel is not None and bias is None:
+                return kernel(x, out_dtype)
+            if weight_only.is_supported(x):  # keeps x's leading dims
                 if bias is None:
                     return weight_only.weight_only_mm(x, q, scale, out_dtype)
                 out = weight_only.weight_only_mm(x, q, scale, torch.float32)
                 return (out + bias.to(torch.float32)).to(out_dtype)
-            except weight_only.KernelUnavailable:  # did not compile here (logged once): the generic path from now on
-                pass
+        except weight_only.KernelUnavailable:  # did not compile here (logged once): the generic path from now on
+            pass
     return chunked_logits(x, q, scale, bias, out_dtype=out_dtype)
+
+
+def bind_kernel(q: torch.Tensor, scale: torch.Tensor):
+    """The fused kernel bound to this quantized weight (``weight_only.BoundKernel``), or None where it does not run
+    (no GPU, no Triton, no kernel path for the device, a kernel that failed to compile there)."""
+    if not q.is_cuda:
+        return None
+    from vllm_lmhead_quant.kernels import weight_only
+
+    probe = torch.empty((0, q.shape[-1]), dtype=torch.bfloat16, device=q.device)
+    return weight_only.BoundKernel(q, scale) if weight_only.is_supported(probe, q) else None
 
 
 def chunked_logits(x, q, scale, bias=None, *, out_dtype: torch.dtype) -> torch.Tensor:

@@ -6,6 +6,11 @@ kind of switch (vLLM #23810) and ``--quantization-config`` cannot be combined wi
 
     vllm serve MODEL --quantization int8_lm_head \
         --additional-config '{"lm_head_quant": {"logits_dtype": "model", "tied": "quantize"}}'
+    vllm serve MODEL --quantization int8_lm_head --additional-config '{"lm_head_quant": {"body": "fp8_per_channel"}}'
+
+``body`` (all three methods) quantizes every other layer with vLLM's online scheme of that name, exactly as
+``--quantization SCHEME`` alone would (body.py): ``--quantization`` takes one name, so this is the only place where
+both can be asked for.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ _CHOICES = {
     # dequantize embedding rows on lookup (input embeddings then carry its rounding).
     "tied": ("keep", "quantize"),
 }
+# All three methods: the name of one of vLLM's online quantization schemes (or None: the body stays unquantized).
+# Its choices are vLLM's own (``_compat.online_quant_shorthands``), so they are read when the key is used.
+BODY = "body"
 
 
 @dataclass(frozen=True)
 class HeadOptions:
     logits_dtype: str = "auto"
     tied: str = "keep"
+    body: str | None = None
 
     @classmethod
     def from_additional_config(cls, extra: dict) -> HeadOptions:
@@ -36,12 +45,27 @@ class HeadOptions:
                 f'--additional-config "{KEY}" must be a JSON object such as '
                 f'{{"{KEY}": {{"logits_dtype": "float32"}}}}, got {raw!r}'
             )
-        unknown = sorted(set(raw) - set(_CHOICES))
+        unknown = sorted(set(raw) - {*_CHOICES, BODY})
         if unknown:
-            raise ValueError(f'--additional-config "{KEY}": unknown key(s) {unknown}; allowed: {sorted(_CHOICES)}')
+            raise ValueError(
+                f'--additional-config "{KEY}": unknown key(s) {unknown}; allowed: {sorted({*_CHOICES, BODY})}'
+            )
         for key, value in raw.items():
-            if value not in _CHOICES[key]:
+            if key == BODY:
+                _check_body(value)
+            elif value not in _CHOICES[key]:
                 raise ValueError(
                     f'--additional-config "{KEY}.{key}" must be one of {list(_CHOICES[key])}, got {value!r}'
                 )
         return cls(**raw)
+
+
+def _check_body(value: object) -> None:
+    from vllm_lmhead_quant import _compat
+
+    schemes = sorted(_compat.online_quant_shorthands())
+    if value not in schemes:
+        raise ValueError(
+            f'--additional-config "{KEY}.{BODY}" must be one of vLLM\'s online quantization schemes {schemes}, '
+            f"got {value!r}" + ("" if schemes else " (this vLLM has no online quantization)")
+        )

@@ -408,6 +408,11 @@ def weight_only_mm(
     overrides the device's table and ``path`` the device's kernel path (benchmarks and tests: e.g. the Ampere path
     on a Hopper GPU). Graph-capturable once each config has compiled: the only allocation is the output.
     """
+    return _mm(x, q, scale, out_dtype, config, path)[0]
+
+
+def _mm(x, q, scale, out_dtype, config=None, path=None) -> tuple[torch.Tensor, _Plan | None]:
+    """weight_only_mm, and the plan it launched when ``x`` went in as is (None if it needed a copy or was empty)."""
     if not HAS_TRITON:
         raise RuntimeError("weight_only_mm needs triton; check is_supported() first")
     out_dtype = out_dtype or x.dtype
@@ -428,10 +433,50 @@ def weight_only_mm(
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:
-        return _like_x(y.zero_() if k == 0 else y, x)
+        return _like_x(y.zero_() if k == 0 else y, x), None
     path = path or device.device_path(_index(x2))
-    _gemm(x2, q, scale, y, config or pick_config(m, n, k, q.dtype, path), path)
-    return _like_x(y, x)
+    plan = _gemm(x2, q, scale, y, config or pick_config(m, n, k, q.dtype, path), path)
+    return _like_x(y, x), plan if x2 is x else None
+
+
+class BoundKernel:
+    """The fused kernel bound to one quantized weight and its scales: what :func:`weight_only_mm` works out per
+    call (validation, config pick, alignment, the weight's TMA descriptor, the binary lookup) is done on the first
+    call per activation signature and kept.
+
+    Why: vLLM runs ``compute_logits`` eagerly every decode step, outside its CUDA graphs, and at tensor parallel 2
+    each rank's share of the head GEMM is small enough that the call's host time is most of the head's cost
+    (docs/tp.md). The head's method owns one (not a module-level cache), so a replaced weight is released together
+    with its plans; an in-place update (our weight loader) keeps the same storage and so the same plans.
+    """
+
+    MAX_PLANS = 1024  # one per batch size in practice; cleared when full (prefill can bring many sizes)
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        self.q, self.scale = q, scale
+        self.n = q.shape[0]
+        self.device = q.device
+        self.plans: dict[tuple, _Plan] = {}
+        self.hits = 0  # calls served by a kept plan (tests and benchmarks read it)
+
+    def __call__(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        key = None
+        if x.dim() == 2:
+            key = (x.shape[0], x.shape[1], x.dtype, out_dtype, x.stride(0), x.stride(1), x.data_ptr() % 16 == 0)
+            plan = self.plans.get(key)
+            if plan is not None:
+                y = torch.empty((key[0], self.n), dtype=out_dtype, device=self.device)
+                plan.launch(x, y)
+                self.hits += 1
+                return y
+        if self.device.index in _BROKEN:  # did not compile on this device: the caller takes the generic path
+            raise KernelUnavailable("the weight-only kernel did not compile on this device")
+        y, plan = _mm(x, self.q, self.scale, out_dtype)
+        if key is not None and plan is not None and plan.runner is not None:  # a kept plan must skip the binder
+            if len(self.plans) >= self.MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = plan
+        return y
 
 
 # Configs that did not fit this device's shared memory or registers, and the smaller ones that replaced them.
@@ -440,7 +485,7 @@ _FITS: dict[tuple[int, KernelConfig], KernelConfig] = {}
 
 def _gemm(
     x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, cfg: KernelConfig, path: KernelPath | None
-) -> None:
+) -> _Plan:
     """``y = (x2 @ q.T) * scale`` with validated, non-empty 2-D operands (``q`` FP8 or INT8, or fp16 for the
     benchmark's no-conversion ceiling)."""
     path = path or _current_path()
@@ -449,7 +494,7 @@ def _gemm(
     cfg = _FITS.get((index, wanted), wanted)
     while True:
         try:
-            _run(x2, q, scale, y, cfg, path)
+            plan = _run(x2, q, scale, y, cfg, path)
             break
         except triton.runtime.errors.OutOfResources as e:
             smaller = _shrink(cfg)
@@ -463,6 +508,7 @@ def _gemm(
             "avoid the retry: python -m vllm_lmhead_quant.tune",
             tuple(wanted), torch.cuda.get_device_name(index), why, tuple(cfg),
         )  # fmt: skip
+    return plan
 
 
 def _shrink(cfg: KernelConfig) -> KernelConfig | None:
@@ -475,40 +521,87 @@ def _shrink(cfg: KernelConfig) -> KernelConfig | None:
     return None
 
 
-def _run(x2, q, scale, y, cfg: KernelConfig, path: KernelPath) -> None:
+class _Plan:
+    """Everything ``_run`` derives from a call's shapes, dtypes, alignment and config, minus the activation and the
+    output: reused by :class:`BoundKernel` for later calls with the same signature."""
+
+    __slots__ = ("kernel", "key", "consts", "grid0", "tma", "token_scale", "q", "q_desc", "scale", "m", "n", "k",
+                 "block_x", "num_warps", "num_stages", "runner", "_x_desc")  # fmt: skip
+
+    def args(self, x2: torch.Tensor, y: torch.Tensor) -> tuple:
+        tscale = self.scale  # placeholder pointer, never read without TOKEN_SCALE
+        if self.token_scale:
+            x2, tscale = _to_fp16_pow2(x2)
+        m, n, k = self.m, self.n, self.k
+        if self.tma:
+            return (self._desc(x2), self.q_desc, self.scale, tscale, y, m, n, n, k)
+        return (x2, self.q, self.scale, tscale, y, m, n, k, x2.stride(0), self.q.stride(0), n)
+
+    def _desc(self, x2: torch.Tensor):
+        template = self._x_desc
+        if template is None:  # the first call validates (alignment, strides, block shape) through the constructor
+            desc = self._x_desc = TensorDescriptor(x2, [self.m, self.k], [x2.stride(0), 1], self.block_x)
+            return desc
+        # Later calls have the same signature (BoundKernel's key: shape, strides, 16-byte alignment), so only the
+        # base differs; skipping __post_init__'s re-validation saves ~2 us a call.
+        desc = object.__new__(TensorDescriptor)
+        desc.__dict__.update(template.__dict__)
+        desc.base = x2
+        return desc
+
+    def launch(self, x2: torch.Tensor, y: torch.Tensor) -> None:
+        args = self.args(x2, y)
+        if self.runner is not None:
+            self.runner(*args, *self.consts.values())
+            return
+        _launch(self.kernel, self.grid0, args, self.consts, self.key, self.num_warps, self.num_stages)
+        compiled = _COMPILED.get(self.key)
+        if compiled is not None:
+            self.runner = compiled[(self.grid0, 1, 1)]
+
+
+def _plan(x2, q, scale, out_dtype: torch.dtype, cfg: KernelConfig, path: KernelPath) -> _Plan:
     (m, k), n = x2.shape, q.shape[0]
+    p = _Plan()
     bits = q.dtype == FP8_DTYPE and not path.fp8_convert
     if bits:
         q = q.view(torch.uint8)  # the kernel decodes the e4m3 bits, to fp16: bf16 activations go in as fp16
-    grid0 = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # (triton.cdiv costs ~3 us a call in Triton 3.6)
-    token_scale = (cfg.fp16_math or bits) and x2.dtype == torch.bfloat16
-    tscale = scale  # placeholder pointer, never read without TOKEN_SCALE
-    if token_scale:
-        x2, tscale = _to_fp16_pow2(x2)
-    consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SWAP_AB": cfg.swap_ab}
-    sx, sq = x2.stride(0), q.stride(0)
-    aligned = tuple(t.data_ptr() % 16 == 0 for t in (x2, q, scale, tscale))
+    p.grid0 = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # (triton.cdiv costs ~3 us a call in Triton 3.6)
+    p.token_scale = (cfg.fp16_math or bits) and x2.dtype == torch.bfloat16
+    p.consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SWAP_AB": cfg.swap_ab}
+    # With TOKEN_SCALE the kernel reads a fresh fp16 copy (aligned, row stride k) instead of x2.
+    x_dtype, sx = (torch.float16, k) if p.token_scale else (x2.dtype, x2.stride(0))
+    x_aligned = True if p.token_scale else x2.data_ptr() % 16 == 0
+    sq = q.stride(0)
+    aligned = (x_aligned, *(t.data_ptr() % 16 == 0 for t in (q, scale)))
     # TMA: where the device has it, 16-byte aligned bases and row strides (else the pointer kernel runs)
-    tma = cfg.tma and path.tma and aligned[0] and aligned[1] and sx % 8 == 0 and (sq * q.element_size()) % 16 == 0
-    if tma:
-        kernel = _wo_tma_kernel
-        x_desc = TensorDescriptor(x2, [m, k], [sx, 1], [cfg.block_m, cfg.block_k])
-        q_desc = TensorDescriptor(q, [n, k], [sq, 1], [cfg.block_n, cfg.block_k])
-        args = (x_desc, q_desc, scale, tscale, y, m, n, n, k)
+    p.tma = cfg.tma and path.tma and aligned[0] and aligned[1] and sx % 8 == 0 and (sq * q.element_size()) % 16 == 0
+    if p.tma:
+        p.kernel = _wo_tma_kernel
+        p.q_desc = TensorDescriptor(q, [n, k], [sq, 1], [cfg.block_n, cfg.block_k])
     else:
-        kernel = _wo_kernel
-        args = (x2, q, scale, tscale, y, m, n, k, sx, sq, n)
-        consts["EVEN_K"] = k % cfg.block_k == 0
-    consts["TOKEN_SCALE"] = token_scale
-    consts["PTX"] = path.ptx
+        p.kernel = _wo_kernel
+        p.q_desc = None
+        p.consts["EVEN_K"] = k % cfg.block_k == 0
+    p.consts["TOKEN_SCALE"] = p.token_scale
+    p.consts["PTX"] = path.ptx
     # y is fresh from the caching allocator (aligned, row stride n); the rest is what Triton specializes on.
     # The device too: a binary is loaded per device (one process may drive several GPUs).
-    key = (x2.device.index, cfg, tma, token_scale, path.ptx, x2.dtype, q.dtype, y.dtype, n, k, sx, sq, aligned)
-    if key in _COMPILED:
-        _launch(kernel, grid0, args, consts, key, cfg.num_warps, cfg.num_stages)
-        return
+    p.key = (x2.device.index, cfg, p.tma, p.token_scale, path.ptx, x_dtype, q.dtype, out_dtype, n, k, sx, sq, aligned)
+    p.q, p.scale, p.m, p.n, p.k = q, scale, m, n, k
+    p.block_x = [cfg.block_m, cfg.block_k]
+    p.num_warps, p.num_stages = cfg.num_warps, cfg.num_stages
+    p.runner = p._x_desc = None
+    return p
+
+
+def _run(x2, q, scale, y, cfg: KernelConfig, path: KernelPath) -> _Plan:
+    p = _plan(x2, q, scale, y.dtype, cfg, path)
+    if p.key in _COMPILED:
+        p.launch(x2, y)
+        return p
     try:  # first launch of this specialization: compiles
-        _launch(kernel, grid0, args, consts, key, cfg.num_warps, cfg.num_stages)
+        p.launch(x2, y)
     except (triton.runtime.errors.OutOfResources, torch.cuda.OutOfMemoryError):
         raise
     except triton.compiler.errors.CompilationError as e:
@@ -520,6 +613,7 @@ def _run(x2, q, scale, y, cfg: KernelConfig, path: KernelPath) -> None:
             torch.cuda.get_device_name(index), path.family, str(e).strip().splitlines()[-1][:300],
         )  # fmt: skip
         raise KernelUnavailable(str(e)) from e
+    return p
 
 
 def _like_x(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,8 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         self.retie_if_equal = retie_if_equal
         self.logits_dtype = logits_dtype
         self.peers: list = []  # weakrefs to the model's input embeddings (set by the config), to see what is tied
+        # (weight, scale, ops.bind_kernel of them): the fused kernel with its per-call host work done once
+        self._bound: tuple = (None, None, None)
 
     def create_weights(self, layer: torch.nn.Module, *args, **extra_weight_attrs) -> None:
         UnquantizedEmbeddingMethod.create_weights(self, layer, *args, **extra_weight_attrs)
@@ -155,8 +157,14 @@ class QuantizedHeadMethod(QuantizeMethodBase):
                     self.prefix, self.method_name, str(layer.weight.dtype).removeprefix("torch."),
                     _log.mib(layer.weight.numel() * layer.weight.element_size()),
                 )  # fmt: skip
+            self._bound = (None, None, None)  # release the quantized tensors it replaced
             return ops.fp32_logits(x, layer.weight, bias).to(self.logits_dtype or x.dtype)
-        return ops.quantized_logits(x, layer.weight, layer.weight_scale, bias, out_dtype=self.logits_dtype or x.dtype)
+        bound = self._bound
+        if bound[0] is not layer.weight or bound[1] is not layer.weight_scale:  # first call, or new parameters
+            bound = self._bound = (layer.weight, layer.weight_scale, ops.bind_kernel(layer.weight, layer.weight_scale))
+        return ops.quantized_logits(
+            x, layer.weight, layer.weight_scale, bias, out_dtype=self.logits_dtype or x.dtype, kernel=bound[2]
+        )
 
     def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
         if layer.weight.dtype != self.fmt.dtype:
