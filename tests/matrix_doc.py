@@ -40,5 +40,12 @@ def write_matrix(rows: list[dict], path: str) -> None:
             f"| {dtypes} | {fp8['errors']['rms']:.2e} | {fp8['errors']['max']:.2e} | {int8['errors']['rms']:.2e} "
             f"| {int8['errors']['max']:.2e} | {'PASS' if ok else 'FAIL'} |"
         )
+    # Hand-written sections after the table (from the first "## " heading on) survive regeneration.
+    try:
+        with open(path) as f:
+            old = f.read()
+        tail = old[old.index("\n## ") :] if "\n## " in old else ""
+    except FileNotFoundError:
+        tail = ""
     with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write("\n".join(lines) + "\n" + tail)

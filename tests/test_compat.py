@@ -62,3 +62,15 @@ def test_additional_config_is_a_vllm_config_field():
 
 def test_installed_version_is_one_we_support():
     assert vllm.__version__.startswith(("0.26.", "0.32.", "0.33."))
+
+
+def test_registered_model_reads_the_registrys_lazy_entries():
+    """models/__init__.py registers our subclass only over the vLLM class it extends, read through this probe."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.registry import _VLLM_MODELS, _LazyRegisteredModel
+
+    assert isinstance(ModelRegistry.models["LlamaForCausalLM"], _LazyRegisteredModel)
+    assert _VLLM_MODELS["LlamaForCausalLM"] == ("llama", "LlamaForCausalLM")
+    assert _compat.registered_model("LlamaForCausalLM") == ("vllm.model_executor.models.llama", "LlamaForCausalLM")
+    assert _VLLM_MODELS["Cohere2ForCausalLM"] == ("commandr", "CohereForCausalLM")  # what models/ extends
+    assert _compat.registered_model("NoSuchForCausalLM") is None

@@ -312,8 +312,8 @@ def test_a_config_that_does_not_fit_is_shrunk_once_with_one_warning(caplog, monk
 @pytest.mark.parametrize("k", [1024, 4096])
 def test_bound_kernel_is_bitwise_weight_only_mm(k):
     """BoundKernel (the head's per-call fast path) gives weight_only_mm's bits at every batch size and output dtype,
-    serves repeated signatures from its kept plans, follows in-place weight updates, and declines to keep a plan for
-    inputs that needed a copy."""
+    serves repeated signatures from its kept plans, follows in-place weight updates, keeps a plan for a strided input
+    the kernel reads as is and none for one that needed a copy."""
     q, scale = _weight(151936 // 2 + 7, k)
     q, scale = q.clone(), scale.clone()  # updated in place below
     bound = wo.BoundKernel(q, scale)
@@ -329,10 +329,13 @@ def test_bound_kernel_is_bitwise_weight_only_mm(k):
     q.copy_(new_q)  # what the RL weight loader does: same storage, new values
     scale.copy_(new_scale)
     assert torch.equal(bound(x, torch.float32), wo.weight_only_mm(x, new_q, new_scale, torch.float32))
-    strided = torch.randn(64, k + 8, device=DEV, dtype=torch.bfloat16)[:, 3 : 3 + k]  # needs a copy: no plan kept
     kept = len(bound.plans)
-    assert torch.equal(bound(strided, torch.float32), wo.weight_only_mm(strided, q, scale, torch.float32))
-    assert len(bound.plans) == kept
+    rows = torch.randn(64, k + 8, device=DEV, dtype=torch.bfloat16)[:, :k]  # a row stride the kernel takes as is
+    assert torch.equal(bound(rows, torch.float32), wo.weight_only_mm(rows, q, scale, torch.float32))
+    assert len(bound.plans) == kept + 1
+    odd = torch.randn(64, k + 3, device=DEV, dtype=torch.bfloat16)[:, 1 : 1 + k]  # needs a copy: no plan kept
+    assert torch.equal(bound(odd, torch.float32), wo.weight_only_mm(odd, q, scale, torch.float32))
+    assert len(bound.plans) == kept + 1
 
 
 def test_bound_kernel_in_cuda_graphs():

@@ -58,22 +58,21 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-# fp8_lm_head shares int8_lm_head's method class; it is served in-process by the other engine tests.
-@pytest.mark.parametrize("method", ["bf16_last_layer_fp32", "int8_lm_head"])
-def test_vllm_serve_answers_with_logprobs(tiny, tmp_path, method):
-    path = tiny("llama", tied=False)
+def _serve_once(path, log_path, method: str, *extra: str) -> tuple[dict, str]:
+    """``vllm serve`` (the real CLI and its default multi-process layout), one completion with top-5 logprobs, the
+    server's log."""
     port = _free_port()
     vllm_cli = Path(sys.executable).with_name("vllm")
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # the real default
-    log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
+    log = open(log_path, "w")  # noqa: SIM115
     cmd = [str(vllm_cli), "serve", str(path), "--quantization", method, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "bfloat16", "--max-model-len", "256", "--enforce-eager",
-           "--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "tiny"]  # fmt: skip
+           "--kv-cache-memory-bytes", str(64 << 20), "--served-model-name", "tiny", *extra]  # fmt: skip
     server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
                     if r.status == 200:
@@ -94,7 +93,25 @@ def test_vllm_serve_answers_with_logprobs(tiny, tmp_path, method):
     assert len(logprobs["token_logprobs"]) == 4
     assert all(len(top) == 5 for top in logprobs["top_logprobs"])
     assert all(lp <= 0 and lp == lp for lp in logprobs["token_logprobs"])
-    text = (tmp_path / "serve.log").read_text()
+    return out, log_path.read_text()
+
+
+# fp8_lm_head shares int8_lm_head's method class; it is served in-process by the other engine tests.
+@pytest.mark.parametrize("method", ["bf16_last_layer_fp32", "int8_lm_head"])
+def test_vllm_serve_answers_with_logprobs(tiny, tmp_path, method):
+    _, text = _serve_once(tiny("llama", tied=False), tmp_path / "serve.log", method)
     assert f"-> {method}" in text  # our one INFO line, from the server's worker process
     if method != "bf16_last_layer_fp32":  # never silent about a path slower than bf16: here the CPU's chunked one
         assert text.count("on CPU the head converts 4096-row chunks") == 1
+
+
+def test_data_parallel_replicas_each_bind_the_head(tiny, tmp_path, monkeypatch):
+    """``--data-parallel-size 2`` (the RL rollout fleet's layout): two engine cores, each with its own worker, load
+    the plugin through the entry point and bind the head, one INFO line per replica, and the server answers."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per replica (vLLM binds per NUMA node)
+    path = tiny("llama", tied=False)
+    _, text = _serve_once(path, tmp_path / "serve.log", "int8_lm_head", "--data-parallel-size", "2")
+    bound = [line for line in text.splitlines() if "-> int8_lm_head" in line]
+    pids = {line.split("pid=")[1].split(")")[0] for line in bound}
+    assert len(bound) == 2 and len(pids) == 2, bound  # one line per replica, from two processes
+    assert "EngineCore_DP0" in text and "EngineCore_DP1" in text

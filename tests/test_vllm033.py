@@ -304,7 +304,11 @@ def test_real_model_loading(report):
         cell = f[f"qwen3_tied_lm_head_in_checkpoint/{method}"]
         assert cell["head"] == f"ParallelLMHead: {TIED_BF16}" and cell["one_table"], method
         assert cell["parameter_bytes"] == default["parameter_bytes"], method
-    # vLLM 0.33's Gemma2 never hands its head to the quantization config: a clear error, never a silent no-op.
+    # vLLM 0.33's Gemma2 builds embed_tokens (its head) without the quantization config; our registered subclass
+    # (vllm_lmhead_quant/models/gemma2.py) builds it with the config: fp32 bitwise, quantized heads keep the tied bf16.
     assert f["gemma2/vllm_default"]["head"].startswith("VocabParallelEmbedding")
-    for method in METHODS:
-        assert f[f"gemma2/{method}"]["error"].startswith(f"HeadNotBoundError: --quantization {method}: vLLM's Gemma2")
+    fp32 = f["gemma2/bf16_last_layer_fp32"]
+    assert fp32["head"] == f"VocabParallelEmbedding: {FP32_METHOD}" and fp32["bitwise_equal_head_dtype_oracle"]
+    for method in ("int8_lm_head", "fp8_lm_head"):
+        cell = f[f"gemma2/{method}"]
+        assert cell["head"] == f"VocabParallelEmbedding: {TIED_BF16}" and cell["bitwise_equal_vllm_default"], method

@@ -665,7 +665,7 @@ MODEL_CASES = {
     # Tied config, but the checkpoint also ships an identical lm_head: vLLM 0.33 unties to load it, then re-ties
     # (ModelConfig.maybe_untie_word_embeddings / maybe_retie_word_embeddings) when both methods allow it.
     "qwen3_tied_lm_head_in_checkpoint": ("Qwen3ForCausalLM", True, True, (None, *METHODS)),
-    # vLLM 0.33's Gemma2 builds embed_tokens without the quantization config and uses it as the head.
+    # vLLM 0.33's Gemma2 builds embed_tokens (its head) without the quantization config: our subclass rebuilds it.
     "gemma2": ("Gemma2ForCausalLM", True, False, (None, *METHODS)),
 }
 

@@ -24,11 +24,15 @@ _registered = False
 
 
 def register() -> None:
-    """Register the quantization methods with vLLM. Idempotent and cheap after the first call."""
+    """Register the quantization methods with vLLM, and our model subclasses for the architectures whose head vLLM
+    builds without the quantization config (models/). Idempotent and cheap after the first call."""
     global _registered
     if _registered:
         return
     # Importing the config module runs vLLM's @register_quantization_config decorators.
     from vllm_lmhead_quant import config  # noqa: F401
+    from vllm_lmhead_quant.models import register_models
+
+    register_models()  # lazy "module:Class" entries: no model code is imported here
 
     _registered = True

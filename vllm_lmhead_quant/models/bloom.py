@@ -1,0 +1,23 @@
+"""Bloom: vLLM builds ``transformer.word_embeddings`` and ``lm_head`` without ``quant_config``
+(vllm/model_executor/models/bloom.py, ``BloomModel.__init__`` and ``BloomForCausalLM.__init__``; the same in 0.26,
+0.32 and 0.33). Both are rebuilt with the config and tied as vLLM tied them
+(``common.rebuild_embedding_and_head``)."""
+
+from __future__ import annotations
+
+from vllm.model_executor.models import bloom
+from vllm.model_executor.models.utils import maybe_prefix
+
+from vllm_lmhead_quant.models.common import announce, head_config, rebuild_embedding_and_head
+
+
+class BloomForCausalLM(bloom.BloomForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        config = head_config(vllm_config, self.lm_head)
+        if config is None:
+            return
+        embed_prefix = maybe_prefix(prefix, "transformer.word_embeddings")
+        head_prefix = maybe_prefix(prefix, "lm_head")
+        rebuild_embedding_and_head(self, self.transformer, "word_embeddings", config, embed_prefix, head_prefix)
+        announce(vllm_config, "transformer.word_embeddings and lm_head")
