@@ -82,13 +82,7 @@ def _run(path: str, method: str | None, pp: int = 2) -> tuple[Run, list]:
     finally:
         del llm
         gc.collect()
-    tokens, sample, prompt = [], [], []
-    for o in outs:
-        c = o.outputs[0]
-        tokens.append(list(c.token_ids))
-        sample.append([{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
-        prompt.append([{t: lp.logprob for t, lp in step.items()} for step in o.prompt_logprobs[1:]])
-    return Run(tokens, sample, prompt, {}, {}), stages
+    return Run.from_outputs(outs, {}, {}), stages
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,17 @@ class Run:
     methods: dict  # module name -> quant method class (worker side)
     head: dict  # facts about the head module (worker side)
 
+    @classmethod
+    def from_outputs(cls, outs, methods: dict, head: dict) -> Run:
+        """A Run from ``LLM.generate`` outputs made with ``logprobs`` and ``prompt_logprobs``."""
+        tokens, sample, prompt = [], [], []
+        for o in outs:
+            c = o.outputs[0]
+            tokens.append(list(c.token_ids))
+            sample.append([{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
+            prompt.append([{t: lp.logprob for t, lp in step.items()} for step in o.prompt_logprobs[1:]])
+        return cls(tokens, sample, prompt, methods, head)
+
     def flat(self) -> list[float]:
         """Every logprob of the prompt tokens and the sampled tokens, in a fixed order."""
         out = []
@@ -118,13 +129,7 @@ def run_llm(path, prompts=PROMPTS, max_tokens=8, **kwargs) -> Run:
     finally:
         del llm
         gc.collect()
-    tokens, sample, prompt = [], [], []
-    for o in outs:
-        c = o.outputs[0]
-        tokens.append(list(c.token_ids))
-        sample.append([{t: lp.logprob for t, lp in step.items()} for step in c.logprobs])
-        prompt.append([{t: lp.logprob for t, lp in step.items()} for step in o.prompt_logprobs[1:]])
-    return Run(tokens, sample, prompt, methods, head)
+    return Run.from_outputs(outs, methods, head)
 
 
 def logprob_errors(run: Run, ref: Run, *, prompt_only: bool = False) -> dict:

@@ -63,3 +63,35 @@ def rebuild_embedding_and_head(model: Any, owner: Any, name: str, config: Any, e
     model.lm_head = ParallelLMHead(vocab, dim, quant_config=config, prefix=head_prefix)
     if model.config.tie_word_embeddings:
         model.lm_head = model.lm_head.tie_weights(embed)
+
+
+def rebuild_head(model: Any, vllm_config: Any, prefix: str) -> None:
+    """GPT-OSS and Qwen3-Next: only ``lm_head`` is built without the config; these models never tie it."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+    from vllm.model_executor.models.utils import maybe_prefix
+
+    config = head_config(vllm_config, model.lm_head)
+    if config is None:
+        return
+    model.lm_head = ParallelLMHead(
+        model.config.vocab_size, model.config.hidden_size, quant_config=config, prefix=maybe_prefix(prefix, "lm_head")
+    )
+    announce(vllm_config, "lm_head")
+
+
+def rebuild_embedding_head(model: Any, vllm_config: Any, prefix: str) -> None:
+    """Command-R and Gemma2: no head module; ``compute_logits`` uses ``model.embed_tokens``, which is rebuilt with the
+    config (the config then treats it as a tied head)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from vllm.model_executor.models.utils import maybe_prefix
+
+    config = head_config(vllm_config, model.model.embed_tokens)
+    if config is None:
+        return
+    model.model.embed_tokens = VocabParallelEmbedding(
+        model.config.vocab_size,
+        model.config.hidden_size,
+        quant_config=config,
+        prefix=maybe_prefix(prefix, "model.embed_tokens"),
+    )
+    announce(vllm_config, "model.embed_tokens (its LM head)")

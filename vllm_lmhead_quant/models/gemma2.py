@@ -5,23 +5,12 @@ which then treats it as a tied head."""
 
 from __future__ import annotations
 
-from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from vllm.model_executor.models import gemma2
-from vllm.model_executor.models.utils import maybe_prefix
 
-from vllm_lmhead_quant.models.common import announce, head_config
+from vllm_lmhead_quant.models.common import rebuild_embedding_head
 
 
 class Gemma2ForCausalLM(gemma2.Gemma2ForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = head_config(vllm_config, self.model.embed_tokens)
-        if config is None:
-            return
-        self.model.embed_tokens = VocabParallelEmbedding(
-            self.config.vocab_size,
-            self.config.hidden_size,
-            quant_config=config,
-            prefix=maybe_prefix(prefix, "model.embed_tokens"),
-        )
-        announce(vllm_config, "model.embed_tokens (its LM head)")
+        rebuild_embedding_head(self, vllm_config, prefix)
