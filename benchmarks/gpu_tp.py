@@ -47,13 +47,21 @@ def head_facts(model) -> dict:
         hidden = head.weight.shape[1]
         act = next(p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight"))
 
+        from vllm.distributed import get_tp_group
+
+        tp_group = get_tp_group()
+
         def timed(fn, n=50) -> tuple[float, float, float]:
-            """(CUDA-event median, host per call back to back, wall per call back to back), µs."""
+            """(CUDA-event median, host per call back to back, wall per call back to back), µs. Each event-timed call
+            starts with the ranks aligned (a CPU barrier), as the body's collectives align them in a decode step;
+            without it, TP 2 medians came out near 100 or near 200 µs from run to run for every head (docs/tp.md)."""
             for _ in range(5):
                 fn()
             times = []
             for _ in range(n):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                if tp_group.world_size > 1:
+                    tp_group.barrier()
                 a.record()
                 fn()
                 b.record()
