@@ -186,11 +186,23 @@ def throughput(path, eager: bool, kw: dict, n_seqs=64, new_tokens=256, repeats=5
     from vllm import SamplingParams
 
     llm = engine(path, eager, **kw)
+    out = decode_rates(llm, (1, n_seqs), new_tokens, repeats)
+    if profile:
+        out[f"profile_batch{n_seqs}"] = profile_decode(llm, prompts(n_seqs, 32, seed=9), SamplingParams, new_tokens=32)
+    close(llm)
+    return out
+
+
+def decode_rates(llm, batches, new_tokens: int, repeats: int) -> dict:
+    """Decode tokens/s per batch size: a warm-up generate each, then the median of ``repeats`` timed ones (32-token
+    prompts, ``ignore_eos``)."""
+    from vllm import SamplingParams
+
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    for batch in (1, n_seqs):
+    for batch in batches:
         llm.generate(prompts(batch, 32, seed=7), params, use_tqdm=False)  # warm-up
     out = {}
-    for batch in (1, n_seqs):
+    for batch in batches:
         ps = prompts(batch, 32, seed=9)
         times = []
         for _ in range(repeats):
@@ -201,9 +213,6 @@ def throughput(path, eager: bool, kw: dict, n_seqs=64, new_tokens=256, repeats=5
             times.append(time.perf_counter() - t0)
         out[f"batch{batch}_tok_per_s"] = round(batch * new_tokens / sorted(times)[len(times) // 2], 1)
         out[f"batch{batch}_all_tok_per_s"] = [round(batch * new_tokens / t, 1) for t in times]
-    if profile:
-        out[f"profile_batch{n_seqs}"] = profile_decode(llm, prompts(n_seqs, 32, seed=9), SamplingParams, new_tokens=32)
-    close(llm)
     return out
 
 

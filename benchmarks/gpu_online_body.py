@@ -142,9 +142,7 @@ def layer0_methods(model) -> dict:
 
 
 def throughput(path: str, kw: dict, batches=(1, 64), new_tokens: int = 128, repeats: int = 3) -> dict:
-    import torch
-    from gpu_e2e import DUMMY_KW, close, engine, inspect_head, prompts
-    from vllm import SamplingParams
+    from gpu_e2e import DUMMY_KW, close, decode_rates, engine, inspect_head
 
     t0 = time.perf_counter()
     llm = engine(path, False, **{**DUMMY_KW, **kw})
@@ -156,19 +154,7 @@ def throughput(path: str, kw: dict, batches=(1, 64), new_tokens: int = 128, repe
         res["kv_tokens_from_blocks"] = cache.num_gpu_blocks * cache.block_size
     except Exception as exc:  # noqa: BLE001 - the log line below is the other source
         res["kv_tokens_from_blocks"] = f"{type(exc).__name__}: {exc}"
-    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    for batch in batches:
-        llm.generate(prompts(batch, 32, seed=7), params, use_tqdm=False)  # warm-up
-    for batch in batches:
-        ps, times = prompts(batch, 32, seed=9), []
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            llm.generate(ps, params, use_tqdm=False)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        res[f"batch{batch}_tok_per_s"] = round(batch * new_tokens / sorted(times)[len(times) // 2], 1)
-        res[f"batch{batch}_all_tok_per_s"] = [round(batch * new_tokens / t, 1) for t in times]
+    res.update(decode_rates(llm, batches, new_tokens, repeats))
     close(llm)
     return res
 
