@@ -352,3 +352,15 @@ def test_bound_kernel_in_cuda_graphs():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_y, wo.weight_only_mm(static_x, q, scale, torch.float32))
+
+
+def test_a_bound_kernel_leaves_fp32_activations_to_the_generic_path():
+    """The kernel takes bf16/fp16 activations only; with fp32 ones (an fp32 model) the head falls back as before."""
+    from vllm_lmhead_quant import ops
+
+    q, scale = _weight(4096 + 13, 1024)
+    kernel = wo.BoundKernel.bind(q, scale)
+    x = torch.randn(3, 1024, device=DEV)
+    y = ops.quantized_logits(x, q, scale, out_dtype=torch.float32, kernel=kernel)
+    assert torch.equal(y, ops.chunked_logits(x, q, scale, out_dtype=torch.float32))
+    assert kernel.hits == 0 and not kernel.plans

@@ -66,7 +66,7 @@ def quantized_logits(
         from vllm_lmhead_quant.kernels import weight_only
 
         try:
-            if kernel is not None and bias is None:
+            if kernel is not None and bias is None and x.dtype in _HALF:
                 return kernel(x, out_dtype)
             if weight_only.is_supported(x):  # keeps x's leading dims
                 if bias is None:
@@ -85,8 +85,7 @@ def bind_kernel(q: torch.Tensor, scale: torch.Tensor):
         return None
     from vllm_lmhead_quant.kernels import weight_only
 
-    probe = torch.empty((0, q.shape[-1]), dtype=torch.bfloat16, device=q.device)
-    return weight_only.BoundKernel(q, scale) if weight_only.is_supported(probe, q) else None
+    return weight_only.BoundKernel.bind(q, scale)
 
 
 def chunked_logits(x, q, scale, bias=None, *, out_dtype: torch.dtype) -> torch.Tensor:

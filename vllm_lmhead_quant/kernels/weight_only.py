@@ -118,7 +118,11 @@ def is_supported(x: torch.Tensor, q: torch.Tensor | None = None) -> bool:
         return False
     if q is not None and (q.dtype not in Q_DTYPES or q.device != x.device):
         return False
-    index = _index(x)
+    return _runs_on(_index(x))
+
+
+def _runs_on(index: int) -> bool:
+    """A kernel path exists for GPU ``index`` and the kernel did not fail to compile there."""
     return index not in _BROKEN and device.device_path(index) is not None
 
 
@@ -442,7 +446,7 @@ def _mm(x, q, scale, out_dtype, config=None, path=None) -> tuple[torch.Tensor, _
 class BoundKernel:
     """The fused kernel bound to one quantized weight and its scales: what :func:`weight_only_mm` works out per
     call (validation, config pick, alignment, the weight's TMA descriptor, the binary lookup) is done on the first
-    call per activation signature and kept.
+    call per activation signature and kept. Activations must be bf16/fp16 (callers check; ``weight_only_mm`` raises).
 
     Why: vLLM runs ``compute_logits`` eagerly every decode step, outside its CUDA graphs, and at tensor parallel 2
     each rank's share of the head GEMM is small enough that the call's host time is most of the head's cost
@@ -451,6 +455,14 @@ class BoundKernel:
     """
 
     MAX_PLANS = 1024  # one per batch size in practice; cleared when full (prefill can bring many sizes)
+
+    @classmethod
+    def bind(cls, q: torch.Tensor, scale: torch.Tensor) -> BoundKernel | None:
+        """A BoundKernel for this weight, or None where the kernel does not run (no Triton, not a CUDA/ROCm FP8 or
+        INT8 weight, no kernel path for its GPU, or the kernel failed to compile there)."""
+        if not (HAS_TRITON and q.is_cuda and q.dtype in Q_DTYPES and _runs_on(_index(q))):
+            return None
+        return cls(q, scale)
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         self.q, self.scale = q, scale
@@ -597,10 +609,7 @@ def _plan(x2, q, scale, out_dtype: torch.dtype, cfg: KernelConfig, path: KernelP
 
 def _run(x2, q, scale, y, cfg: KernelConfig, path: KernelPath) -> _Plan:
     p = _plan(x2, q, scale, y.dtype, cfg, path)
-    if p.key in _COMPILED:
-        p.launch(x2, y)
-        return p
-    try:  # first launch of this specialization: compiles
+    try:  # the first launch of a specialization compiles it
         p.launch(x2, y)
     except (triton.runtime.errors.OutOfResources, torch.cuda.OutOfMemoryError):
         raise
