@@ -34,63 +34,68 @@ def head_facts(model) -> dict:
     """Runs on every rank (``LLM.apply_model``; pickled by reference, so module level). ``--profile`` reaches the
     workers through the environment they inherit."""
     profile = os.environ.get("LMHQ_BENCH_PROFILE") == "1"
-    if True:
-        import torch
+    import torch
 
-        head, lp = model.lm_head, model.logits_processor
-        out = {
-            "method": type(head.quant_method).__name__,
-            "dtype": str(head.weight.dtype),
-            "shape": list(head.weight.shape),
-            "param_bytes": sum(p.numel() * p.element_size() for p in head.parameters(recurse=False)),
-        }
-        hidden = head.weight.shape[1]
-        act = next(p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight"))
+    head, lp = model.lm_head, model.logits_processor
+    out = {
+        "method": type(head.quant_method).__name__,
+        "dtype": str(head.weight.dtype),
+        "shape": list(head.weight.shape),
+        "param_bytes": sum(p.numel() * p.element_size() for p in head.parameters(recurse=False)),
+    }
+    hidden = head.weight.shape[1]
+    act = next(p.dtype for n, p in model.named_parameters() if n.endswith("norm.weight"))
 
-        from vllm.distributed import get_tp_group
+    from vllm.distributed import get_tp_group
 
-        tp_group = get_tp_group()
+    tp_group = get_tp_group()
 
-        def timed(fn, n=50) -> tuple[float, float, float]:
-            """(CUDA-event median, host per call back to back, wall per call back to back), µs. Each event-timed call
-            starts with the ranks aligned (a CPU barrier), as the body's collectives align them in a decode step;
-            without it, TP 2 medians came out near 100 or near 200 µs from run to run for every head (docs/tp.md)."""
-            for _ in range(5):
-                fn()
-            times = []
-            for _ in range(n):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                if tp_group.world_size > 1:
-                    tp_group.barrier()
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            host = (time.perf_counter() - t0) / n * 1e6
-            torch.cuda.synchronize()
-            wall = (time.perf_counter() - t0) / n * 1e6
-            return sorted(times)[n // 2], host, wall
+    def timed(fn, n=50) -> tuple[float, float, float]:
+        """(CUDA-event median, host per call back to back, wall per call back to back), µs. Each event-timed call
+        starts with the ranks aligned (a CPU barrier), as the body's collectives align them in a decode step;
+        without it, TP 2 medians came out near 100 or near 200 µs from run to run for every head (docs/tp.md)."""
+        for _ in range(5):
+            fn()
+        times = []
+        for _ in range(n):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if tp_group.world_size > 1:
+                tp_group.barrier()
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) * 1e3)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e6
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n * 1e6
+        return sorted(times)[n // 2], host, wall
 
-        for m in (1, 64, 256):
-            x = torch.randn(m, hidden, device=head.weight.device, dtype=act)
-            ev, host, wall = timed(lambda x=x: model.compute_logits(x))
-            for key, v in (("logits_us", ev), ("host_us", host), ("back_to_back_us", wall)):
-                out.setdefault(key, {})[m] = round(v, 1)
-            if profile:
-                y = lp._apply_head(head, x, None)
-                parts = {"head": lambda x=x: lp._apply_head(head, x, None), "gather": lambda y=y: lp._gather_logits(y)}
-                for name, fn in parts.items():
-                    ev, host, wall = timed(fn)
-                    out.setdefault(f"{name}_only", {})[m] = {"event_us": round(ev, 1), "host_us": round(host, 1),
-                                                            "back_to_back_us": round(wall, 1)}  # fmt: skip
+    for m in (1, 64, 256):
+        x = torch.randn(m, hidden, device=head.weight.device, dtype=act)
+        ev, host, wall = timed(lambda x=x: model.compute_logits(x))
+        for key, v in (("logits_us", ev), ("host_us", host), ("back_to_back_us", wall)):
+            out.setdefault(key, {})[m] = round(v, 1)
         if profile:
-            out["profile_m1"] = host_profile(model, torch.randn(1, hidden, device=head.weight.device, dtype=act))
-        return out
+            y = lp._apply_head(head, x, None)
+            parts = {"head": lambda x=x: lp._apply_head(head, x, None), "gather": lambda y=y: lp._gather_logits(y)}
+            for name, fn in parts.items():
+                ev, host, wall = timed(fn)
+                out.setdefault(f"{name}_only", {})[m] = {"event_us": round(ev, 1), "host_us": round(host, 1),
+                                                        "back_to_back_us": round(wall, 1)}  # fmt: skip
+    kernel = getattr(head.quant_method, "_bound", (None,) * 3)[2]
+    if kernel is not None:  # the quantized head's BoundKernel: plans kept, calls served by them
+        plans = list(kernel.plans.values())
+        out["bound_kernel"] = {"hits": kernel.hits, "plans": len(plans),
+                               "fp16_math_plans": sum(p.token_scale for p in plans),
+                               "kept_pre_pass": sum(p.pre_runner is not None for p in plans)}  # fmt: skip
+    if profile:
+        out["profile_m1"] = host_profile(model, torch.randn(1, hidden, device=head.weight.device, dtype=act))
+    return out
 
 
 def host_profile(model, x, calls: int = 100) -> dict:
@@ -211,7 +216,8 @@ def main() -> int:
                 print(name, "FAILED", str(e)[-800:], flush=True)
                 continue
             report["runs"][name] = {"ranks": r["ranks"], "plugin_lines": r["plugin_lines"]}
-            brief = [{k: rk[k] for k in ("method", "logits_us", "host_us", "back_to_back_us")} for rk in r["ranks"]]
+            keys = ("method", "logits_us", "host_us", "back_to_back_us", "head_only", "bound_kernel")
+            brief = [{k: rk[k] for k in keys if k in rk} for rk in r["ranks"]]
             print(name, round(time.time() - t0), json.dumps(brief), flush=True)
             with open(out, "w") as f:
                 json.dump(report, f, indent=1)

@@ -324,6 +324,10 @@ def test_bound_kernel_is_bitwise_weight_only_mm(k):
             first, again = bound(x, out_dtype), bound(x.clone(), out_dtype)
             assert torch.equal(first, ref) and torch.equal(again, ref), f"M={m} {out_dtype}"
     assert bound.hits == (8 if wo.FAST_LAUNCH else 0), bound.plans.keys()
+    if wo.FAST_LAUNCH:  # fp16 maths' pre-pass (a second launch) is kept with the plan too
+        plans = list(bound.plans.values())
+        assert all(p.runner is not None and (p.pre_runner is not None) == p.token_scale for p in plans)
+        assert any(p.token_scale for p in plans), "no fp16-math plan: M = 200 should take one"
     x = torch.randn(64, k, device=DEV, dtype=torch.bfloat16)
     new_q, new_scale = quantize_rows(torch.randn(q.shape, device=DEV, dtype=torch.bfloat16) * 0.02, _FMT)
     q.copy_(new_q)  # what the RL weight loader does: same storage, new values
@@ -338,11 +342,13 @@ def test_bound_kernel_is_bitwise_weight_only_mm(k):
     assert len(bound.plans) == kept + 1
 
 
-def test_bound_kernel_in_cuda_graphs():
-    """A kept plan launches inside CUDA-graph capture (its first call compiled outside) and replays like eager."""
+@pytest.mark.parametrize("m", [8, 200])
+def test_bound_kernel_in_cuda_graphs(m):
+    """A kept plan launches inside CUDA-graph capture (its first call compiled outside) and replays like eager;
+    M = 200 takes fp16 maths, whose kept pre-pass allocates inside the capture."""
     q, scale = _weight(151936 // 8, 2048)
     bound = wo.BoundKernel(q, scale)
-    static_x = torch.randn(8, 2048, device=DEV, dtype=torch.bfloat16)
+    static_x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
     bound(static_x, torch.float32)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
