@@ -129,6 +129,34 @@ def variants(v: int, h: int, m: int = 1) -> dict:
     }
 
 
+def bound_variants(v: int, h: int) -> dict:
+    """The head's per-call path (``BoundKernel``) at decode and prefill batch sizes, against cuBLAS; at M > 128 (fp16
+    maths: a pre-pass launch, then the GEMM) also with the pre-pass sent through Triton's binder, as before the plan
+    kept its launcher."""
+    from vllm_lmhead_quant.quant import INT8
+
+    w = (torch.randn(v, h, device="cuda") * 0.02).to(torch.bfloat16)
+    q, s = quantize_rows(w, INT8)
+    bound = ft.BoundKernel(q, s)
+    out = {}
+    for m in (1, 64, 256):
+        x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
+        out[f"torch.mm out_dtype fp32, M={m}"] = lambda x=x: torch.mm(x, w.t(), out_dtype=torch.float32)
+        out[f"int8 BoundKernel, M={m}"] = lambda x=x: bound(x, torch.float32)
+        bound(x, torch.float32)
+        plan = next(p for key, p in bound.plans.items() if key[0] == m)
+        if plan.token_scale:
+            def binder_pre_pass(x=x, plan=plan, kept=plan.pre_runner):
+                plan.pre_runner = None
+                try:
+                    return bound(x, torch.float32)
+                finally:
+                    plan.pre_runner = kept
+
+            out[f"int8 BoundKernel, M={m}, pre-pass through the binder"] = binder_pre_pass
+    return out
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -149,7 +177,7 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001
             src[name] = repr(e)
     (args.out / "triton_launch_source.txt").write_text("\n\n".join(f"# {k}\n{v}" for k, v in src.items()))
-    small = {k: per_call_us(f) for k, f in variants(4096, 1024).items()}
+    small = {k: per_call_us(f) for k, f in {**variants(4096, 1024), **bound_variants(4096, 1024)}.items()}
     big = {k: wall_us(f) for k, f in variants(151936, 4096).items()}
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "host_us_small_head": small, "wall_us_151936x4096_M1": big}  # fmt: skip
