@@ -371,7 +371,7 @@ def _to_fp16_pow2(x2: torch.Tensor, runner=None) -> tuple[torch.Tensor, torch.Te
     x16 = torch.empty((m, k), dtype=torch.float16, device=x2.device)
     inv = torch.empty((m,), dtype=torch.float32, device=x2.device)
     args = (x2, x16, inv, k, x2.stride(0), k)
-    if runner is not None:  # a plan's kept launcher (BoundKernel): same signature, no binder, no key
+    if runner is not None:  # a plan's kept launcher (BoundKernel): same signature, so no key and no lookup
         runner(*args, _POW2_BLOCK_K)
     else:
         _launch(_pow2_fp16_kernel, m, args, {"BLOCK_K": _POW2_BLOCK_K}, _pow2_key(x2), 4, 3)
@@ -580,7 +580,7 @@ class _Plan:
         compiled = _COMPILED.get(self.key)
         pre = _COMPILED.get(_pow2_key(x2)) if self.token_scale else None
         if compiled is not None and (pre is not None or not self.token_scale):
-            # fp16 maths' pre-pass is kept too: for M > 128 it is a second launch, ~20 us through the binder.
+            # fp16 maths' pre-pass launcher is kept too, so a kept plan builds no launch key per call.
             self.runner = compiled[(self.grid0, 1, 1)]
             self.pre_runner = pre[(self.m, 1, 1)] if pre is not None else None
 
