@@ -12,12 +12,15 @@ from helpers import ENGINE_ARGS, PROMPTS
 
 pytestmark = pytest.mark.engine
 QUANTIZE_TIED = {"additional_config": {"lm_head_quant": {"tied": "quantize"}}}
+FP8_BODY = {"additional_config": {"lm_head_quant": {"body": "fp8_per_channel"}}}  # vLLM's online FP8 for the body
 CASES = {
     "fp32-untied": ("bf16_last_layer_fp32", False, {}),
     "fp8-untied": ("fp8_lm_head", False, {}),
     "fp8-tied-quantize": ("fp8_lm_head", True, QUANTIZE_TIED),
     "int8-untied": ("int8_lm_head", False, {}),
     "int8-tied-quantize": ("int8_lm_head", True, QUANTIZE_TIED),
+    "fp32-untied-fp8-body": ("bf16_last_layer_fp32", False, FP8_BODY),
+    "int8-untied-fp8-body": ("int8_lm_head", False, FP8_BODY),
 }
 
 
@@ -34,8 +37,9 @@ def _load_checkpoint(path: str, model) -> None:
     model.load_weights(weights=((k, v) for k, v in tensors.items() if k in HEAD_NAMES))
 
 
-def _checkpoints(base, tmp_path, n: int) -> list:
-    """``base`` plus n variants that differ only in the head/embedding table (RL steps that move the head)."""
+def _checkpoints(base, tmp_path, n: int, names=HEAD_NAMES) -> list:
+    """``base`` plus n variants that differ in the tensors ``names`` (default: the head/embedding table, RL steps
+    that move the head)."""
     import shutil
 
     import torch
@@ -46,7 +50,7 @@ def _checkpoints(base, tmp_path, n: int) -> list:
     for step in range(1, n + 1):
         new = dict(tensors)
         g = torch.Generator().manual_seed(step)
-        for k in HEAD_NAMES:
+        for k in names:
             if k in new:
                 new[k] = (torch.randn(new[k].shape, generator=g) * 0.1).to(new[k].dtype)
         out = tmp_path / f"step{step}"
@@ -102,3 +106,41 @@ def test_updates_reach_the_head(tiny, tmp_path, case, how):
         gc.collect()
     assert before != expected  # the updates changed something
     assert after == expected  # ...and exactly what a fresh engine on the final weights computes
+
+
+BODY_LINEAR = "model.layers.0.mlp.down_proj"
+
+
+def _body_layer(model) -> tuple:
+    layer = model.get_submodule(BODY_LINEAR)
+    return type(layer.quant_method).__name__, str(layer.weight.dtype), layer.weight.float().abs().sum().item()
+
+
+@pytest.mark.parametrize("method", ["bf16_last_layer_fp32", "int8_lm_head"])
+def test_reload_requantizes_an_online_body_and_the_head(tiny, tmp_path, method):
+    """vLLM's ``reload_weights`` with ``"body": "fp8_per_channel"``: updates that move a body linear layer and the head
+    leave the engine bitwise equal to a fresh one on the final weights; the body layer is still vLLM's online FP8."""
+    from vllm import LLM
+
+    names = (*HEAD_NAMES, f"{BODY_LINEAR}.weight")
+    ckpts = _checkpoints(tiny("llama", tied=False), tmp_path, 2, names=names)
+    fresh = LLM(model=str(ckpts[-1]), quantization=method, **ENGINE_ARGS, **FP8_BODY)
+    expected = _logprobs(fresh)
+    del fresh
+    gc.collect()
+
+    llm = LLM(model=str(ckpts[0]), quantization=method, **ENGINE_ARGS, **FP8_BODY)
+    try:
+        body = llm.apply_model(_body_layer)[0]
+        assert body[:2] == ("Fp8PtpcOnlineLinearMethod", "torch.float8_e4m3fn"), body
+        before = _logprobs(llm)
+        for path in ckpts[1:]:
+            llm.collective_rpc("reload_weights", kwargs={"weights_path": str(path)})
+        after = _logprobs(llm)
+        reloaded = llm.apply_model(_body_layer)[0]
+        assert reloaded[:2] == body[:2] and reloaded[2] != body[2]  # still online FP8, with the new values
+    finally:
+        del llm
+        gc.collect()
+    assert before != expected
+    assert after == expected
