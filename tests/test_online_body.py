@@ -195,3 +195,35 @@ def test_body_config_is_rebuilt_in_each_process(cls):
     cfg.online_quantization_config = "vllm's own"
     clone = pickle.loads(pickle.dumps(cfg))
     assert clone._body_config is None and clone._vllm_online == "vllm's own"
+
+
+def test_check_compares_a_body_with_vllms_scheme_alone():
+    """``check``'s baseline and oracle for a ``body`` run: vLLM's ``--quantization SCHEME`` without our options."""
+    from vllm_lmhead_quant.check import baseline_kwargs
+
+    kw = {"dtype": "bfloat16", "additional_config": {"lm_head_quant": {"body": BODY, "tied": "quantize"}, "x": 1}}
+    assert baseline_kwargs(kw) == {"dtype": "bfloat16", "quantization": BODY, "additional_config": {"x": 1}}
+    assert baseline_kwargs({"additional_config": {"lm_head_quant": {"tied": "keep"}}}) == {}
+    assert baseline_kwargs({"seed": 0}) == {"seed": 0}
+
+
+@pytest.mark.engine
+def test_check_passes_over_an_online_body(tiny):
+    """``python -m vllm_lmhead_quant.check MODEL --body fp8_per_channel``: each head is checked against vLLM's fp32 head
+    over the same FP8 body (bitwise for the fp32 head) and every other layer against ``--quantization SCHEME``."""
+    from vllm_lmhead_quant.check import check_model
+
+    path = tiny("llama", tied=False)
+    fp32, int8 = check_model(path, ("bf16_last_layer_fp32", "int8_lm_head"), runner=cached_run, **WITH_BODY)
+    assert fp32.ok and fp32.bitwise_oracle and fp32.others_unchanged, fp32
+    assert int8.ok and int8.others_unchanged and int8.head_dtype == "torch.int8", int8
+    assert 0 < int8.errors["rms"] < 0.05, int8.errors
+
+
+def test_check_cli_body_flag_reaches_the_engine_arguments(monkeypatch):
+    from vllm_lmhead_quant import check
+
+    seen = {}
+    monkeypatch.setattr(check, "check_model", lambda path, methods, **kw: seen.update(kw) or [])
+    assert check.main(["m", "--body", BODY, "--engine-args", '{"additional_config": {"lm_head_quant": {"x": 1}}}']) == 0
+    assert seen == {"additional_config": {"lm_head_quant": {"x": 1, "body": BODY}}}

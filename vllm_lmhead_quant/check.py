@@ -1,12 +1,14 @@
 """Does a model really use our head methods? A check for users' CI, and the engine of our model matrix.
 
-    python -m vllm_lmhead_quant.check MODEL_DIR [--method int8_lm_head ...] [--engine-args JSON]
+    python -m vllm_lmhead_quant.check MODEL_DIR [--method int8_lm_head ...] [--engine-args JSON] [--body SCHEME]
 
 Loads MODEL_DIR with vLLM without the flag, with vLLM's own fp32 head (``hf_overrides={"head_dtype": "float32"}``,
 the oracle) and with each method, then checks inside the worker that the head got our method and every other module
 the class it gets without the flag; that ``bf16_last_layer_fp32`` logprobs are bitwise equal to the oracle (eager);
 and reports the quantized heads' logprob errors against the oracle. Exit status 0 only if every check passes. Models
-whose head vLLM never hands to the quantization config fail with the architecture's name.
+whose head vLLM never hands to the quantization config fail with the architecture's name. With an online-quantized
+body (``--body SCHEME``, or ``"body"`` in the engine arguments' ``lm_head_quant`` options) the baseline is vLLM's
+``--quantization SCHEME`` and the oracle its fp32 head over that same body.
 
 Engines run eagerly, one after another, in this process (vLLM settings for this tool only).
 """
@@ -20,6 +22,8 @@ import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
+
+from vllm_lmhead_quant.options import KEY
 
 PROMPTS = ["def main():\n    return", "import os\nimport sys\n", "class Cache:\n    def get(self, key"]
 # An explicit KV-cache size: engines start without the memory profile, on CPU (where vLLM needs it) and on GPUs,
@@ -164,10 +168,24 @@ class MethodResult:
     error: str = ""
 
 
+def baseline_kwargs(engine_kwargs: dict) -> dict:
+    """The engine arguments of the runs ours are compared with: ours without our options, and with an online
+    ``body`` scheme, vLLM's own ``--quantization SCHEME`` (which gives every layer but the head what ``body`` gives
+    it). Without this, an FP8 body would be compared with a bf16 one and could never be bitwise."""
+    kw = dict(engine_kwargs)
+    extra = dict(kw.pop("additional_config", None) or {})
+    options = extra.pop(KEY, None)
+    if extra:
+        kw["additional_config"] = extra
+    if isinstance(options, dict) and options.get("body"):
+        kw["quantization"] = options["body"]
+    return kw
+
+
 def check_model(path, methods=METHODS, runner=run_llm, **engine_kwargs) -> list:
     """One MethodResult per method. ``runner`` lets tests share memoized baseline runs."""
-    base = runner(path, **engine_kwargs)
-    oracle = runner(path, **{**ORACLE, **engine_kwargs})
+    base = runner(path, **baseline_kwargs(engine_kwargs))
+    oracle = runner(path, **{**ORACLE, **baseline_kwargs(engine_kwargs)})
     results = []
     for method in methods:
         try:
@@ -203,13 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", action="append", choices=METHODS)
     parser.add_argument("--engine-args", default="{}", help='extra LLM(...) kwargs as JSON, e.g. {"dtype": "float16"}')
     parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument("--body", help="an online quantization scheme for the body, e.g. fp8_per_channel")
     args = parser.parse_args(argv)
+    engine_args = json.loads(args.engine_args)
+    if args.body:
+        extra = engine_args.setdefault("additional_config", {})
+        extra.setdefault(KEY, {})["body"] = args.body
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"}.items():
         os.environ.setdefault(key, value)
     import vllm_lmhead_quant
 
     vllm_lmhead_quant.register()
-    results = check_model(args.model, tuple(args.method or METHODS), **json.loads(args.engine_args))
+    results = check_model(args.model, tuple(args.method or METHODS), **engine_args)
     if args.json:
         print(json.dumps([asdict(r) for r in results], indent=1))
     for r in results:
