@@ -78,6 +78,18 @@ def _logprobs(llm):
     ]  # fmt: skip
 
 
+def _fresh_logprobs(path, method: str, extra: dict):
+    """What the updated engine must compute: a fresh engine loaded with the final weights."""
+    from vllm import LLM
+
+    fresh = LLM(model=str(path), quantization=method, **ENGINE_ARGS, **extra)
+    try:
+        return _logprobs(fresh)
+    finally:
+        del fresh
+        gc.collect()
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("how", ["load_weights", "reload_weights"])
 def test_updates_reach_the_head(tiny, tmp_path, case, how):
@@ -85,11 +97,7 @@ def test_updates_reach_the_head(tiny, tmp_path, case, how):
 
     method, tied, extra = CASES[case]
     ckpts = _checkpoints(tiny("llama", tied=tied), tmp_path, 3)
-    fresh = LLM(model=str(ckpts[-1]), quantization=method, **ENGINE_ARGS, **extra)
-    expected = _logprobs(fresh)
-    del fresh
-    gc.collect()
-
+    expected = _fresh_logprobs(ckpts[-1], method, extra)
     llm = LLM(model=str(ckpts[0]), quantization=method, **ENGINE_ARGS, **extra)
     try:
         storage = llm.apply_model(_head_storage)[0]
@@ -124,11 +132,7 @@ def test_reload_requantizes_an_online_body_and_the_head(tiny, tmp_path, method):
 
     names = (*HEAD_NAMES, f"{BODY_LINEAR}.weight")
     ckpts = _checkpoints(tiny("llama", tied=False), tmp_path, 2, names=names)
-    fresh = LLM(model=str(ckpts[-1]), quantization=method, **ENGINE_ARGS, **FP8_BODY)
-    expected = _logprobs(fresh)
-    del fresh
-    gc.collect()
-
+    expected = _fresh_logprobs(ckpts[-1], method, FP8_BODY)
     llm = LLM(model=str(ckpts[0]), quantization=method, **ENGINE_ARGS, **FP8_BODY)
     try:
         body = llm.apply_model(_body_layer)[0]
