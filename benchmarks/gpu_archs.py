@@ -41,6 +41,9 @@ RUNS = {
     "int8_lm_head": {"quantization": "int8_lm_head"},
 }
 SUBCLASS_LINE = "vllm_lmhead_quant's subclass builds"
+# Bloom's ALiBi needs FlashAttention 2, which the GPU host's bundle lacks ("FlashAttention version not detected" with or
+# without our flag, 2026-11-30); Triton attention has ALiBi.
+ARCH_KW = {"BloomForCausalLM": {"attention_backend": "TRITON_ATTN"}}
 
 
 def one(spec: dict) -> None:
@@ -64,7 +67,8 @@ def one(spec: dict) -> None:
 
 def isolated(path: str, hf_class: str, name: str) -> tuple[dict | None, str, str]:
     """(Run fields or None, the subclass's log line or "", the error tail or "")."""
-    spec = {"path": path, "hf_class": hf_class, "kw": RUNS[name], "vllm_class": name == "vllm_class"}
+    kw = {**RUNS[name], **ARCH_KW.get(hf_class, {})}
+    spec = {"path": path, "hf_class": hf_class, "kw": kw, "vllm_class": name == "vllm_class"}
     proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     line = next((s.split("[vllm_lmhead_quant] ")[-1] for s in log.splitlines() if SUBCLASS_LINE in s), "")
