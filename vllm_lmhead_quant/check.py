@@ -184,8 +184,9 @@ def baseline_kwargs(engine_kwargs: dict) -> dict:
 
 def check_model(path, methods=METHODS, runner=run_llm, **engine_kwargs) -> list:
     """One MethodResult per method. ``runner`` lets tests share memoized baseline runs."""
-    base = runner(path, **baseline_kwargs(engine_kwargs))
-    oracle = runner(path, **{**ORACLE, **baseline_kwargs(engine_kwargs)})
+    baseline = baseline_kwargs(engine_kwargs)
+    base = runner(path, **baseline)
+    oracle = runner(path, **{**ORACLE, **baseline})
     results = []
     for method in methods:
         try:

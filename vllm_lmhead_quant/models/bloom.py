@@ -6,18 +6,11 @@
 from __future__ import annotations
 
 from vllm.model_executor.models import bloom
-from vllm.model_executor.models.utils import maybe_prefix
 
-from vllm_lmhead_quant.models.common import announce, head_config, rebuild_embedding_and_head
+from vllm_lmhead_quant.models.common import rebuild_embedding_and_head
 
 
 class BloomForCausalLM(bloom.BloomForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = head_config(vllm_config, self.lm_head)
-        if config is None:
-            return
-        embed_prefix = maybe_prefix(prefix, "transformer.word_embeddings")
-        head_prefix = maybe_prefix(prefix, "lm_head")
-        rebuild_embedding_and_head(self, self.transformer, "word_embeddings", config, embed_prefix, head_prefix)
-        announce(vllm_config, "transformer.word_embeddings and lm_head")
+        rebuild_embedding_and_head(self, vllm_config, prefix, "transformer.word_embeddings")

@@ -45,24 +45,31 @@ def announce(vllm_config: Any, what: str) -> None:
     )
 
 
-def rebuild_embedding_and_head(model: Any, owner: Any, name: str, config: Any, embed_prefix: str, head_prefix: str):
-    """OPT and Bloom build both their input embedding (``owner.<name>``) and ``model.lm_head`` without the config.
+def rebuild_embedding_and_head(model: Any, vllm_config: Any, prefix: str, embed_path: str) -> None:
+    """OPT and Bloom build both their input embedding (``embed_path``) and ``model.lm_head`` without the config.
     Rebuild both in vLLM's order (the embedding first, so the config sees a tied head's table before the head, as in
     Llama) and tie them the way this vLLM did: 0.26 aliases a tied head to the embedding module (``lm_head =
     embed_tokens``), 0.32 and 0.33 build a ``ParallelLMHead`` and share the weight (``lm_head.tie_weights(...)``).
     Read from the modules vLLM built, so no version number is needed."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+    from vllm.model_executor.models.utils import maybe_prefix
 
+    config = head_config(vllm_config, model.lm_head)
+    if config is None:
+        return
+    owner_path, _, name = embed_path.rpartition(".")
+    owner = model.get_submodule(owner_path)
     old = getattr(owner, name)
     vocab, dim = old.org_vocab_size, old.embedding_dim
-    embed = VocabParallelEmbedding(vocab, dim, quant_config=config, prefix=embed_prefix)
+    embed = VocabParallelEmbedding(vocab, dim, quant_config=config, prefix=maybe_prefix(prefix, embed_path))
     setattr(owner, name, embed)
     if model.lm_head is old:
         model.lm_head = embed
-        return
-    model.lm_head = ParallelLMHead(vocab, dim, quant_config=config, prefix=head_prefix)
-    if model.config.tie_word_embeddings:
-        model.lm_head = model.lm_head.tie_weights(embed)
+    else:
+        model.lm_head = ParallelLMHead(vocab, dim, quant_config=config, prefix=maybe_prefix(prefix, "lm_head"))
+        if model.config.tie_word_embeddings:
+            model.lm_head = model.lm_head.tie_weights(embed)
+    announce(vllm_config, f"{embed_path} and lm_head")
 
 
 def rebuild_head(model: Any, vllm_config: Any, prefix: str) -> None:

@@ -5,17 +5,11 @@ and 0.33). Both are rebuilt with the config and tied as vLLM tied them (``common
 from __future__ import annotations
 
 from vllm.model_executor.models import opt
-from vllm.model_executor.models.utils import maybe_prefix
 
-from vllm_lmhead_quant.models.common import announce, head_config, rebuild_embedding_and_head
+from vllm_lmhead_quant.models.common import rebuild_embedding_and_head
 
 
 class OPTForCausalLM(opt.OPTForCausalLM):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = head_config(vllm_config, self.lm_head)
-        if config is None:
-            return
-        embed_prefix, head_prefix = maybe_prefix(prefix, "model.decoder.embed_tokens"), maybe_prefix(prefix, "lm_head")
-        rebuild_embedding_and_head(self, self.model.decoder, "embed_tokens", config, embed_prefix, head_prefix)
-        announce(vllm_config, "model.decoder.embed_tokens and lm_head")
+        rebuild_embedding_and_head(self, vllm_config, prefix, "model.decoder.embed_tokens")
