@@ -21,20 +21,23 @@ def body(**extra) -> dict:
     return {"additional_config": {"lm_head_quant": {"body": SCHEME, **extra}}}
 
 
-def main() -> None:
-    for key, value in ENV.items():
+def smollm2_and_prompts(env: dict) -> tuple[str, list[str]]:
+    """The in-process engine settings, the plugin registered, SmolLM2 built, and 4 x 200 tokens of real text (shared
+    with smollm2_tp.py)."""
+    for key, value in env.items():
         os.environ.setdefault(key, value)
-    from transformers import AutoTokenizer
-
     import vllm_lmhead_quant
-    from vllm_lmhead_quant.check import logprob_errors, run_llm
-    from vllm_lmhead_quant.real_model import default_texts, smollm2
+    from vllm_lmhead_quant.real_model import smollm2, text_prompts
 
     vllm_lmhead_quant.register()
     path = str(smollm2())
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = tok(default_texts()[0].read_text())["input_ids"]
-    prompts = [tok.decode(ids[i * 200 : (i + 1) * 200]) for i in range(4)]
+    return path, text_prompts(path)
+
+
+def main() -> None:
+    path, prompts = smollm2_and_prompts(ENV)
+    from vllm_lmhead_quant.check import logprob_errors, run_llm
+
     t0 = time.time()
     oracle = run_llm(path, prompts=prompts, quantization=SCHEME, hf_overrides={"head_dtype": "float32"})
     runs = {

@@ -10,8 +10,9 @@ Prints one JSON line after ``@@`` (docs/results/smollm2_tp.json).
 from __future__ import annotations
 
 import json
-import os
 import time
+
+from smollm2_online_body import smollm2_and_prompts  # this directory is on sys.path when run as a script
 
 ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1", "VLLM_NO_USAGE_STATS": "1",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1",
@@ -28,19 +29,9 @@ QUANTIZED = ("int8_lm_head", "fp8_lm_head")
 
 
 def main() -> None:
-    for key, value in ENV.items():
-        os.environ.setdefault(key, value)
-    from transformers import AutoTokenizer
-
-    import vllm_lmhead_quant
+    path, prompts = smollm2_and_prompts(ENV)
     from vllm_lmhead_quant.check import logprob_errors, run_llm
-    from vllm_lmhead_quant.real_model import default_texts, smollm2
 
-    vllm_lmhead_quant.register()
-    path = str(smollm2())
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = tok(default_texts()[0].read_text())["input_ids"]
-    prompts = [tok.decode(ids[i * 200 : (i + 1) * 200]) for i in range(4)]
     t0 = time.time()
     # max_num_seqs=1 at both sizes: a multi-process engine core batches requests as they arrive; one at a time keeps
     # the body's numerics independent of that timing.

@@ -81,3 +81,13 @@ def token_chunks(tokenizer, texts: list[Path] | None = None, *, chunk_len: int =
     step = chunk_len - len(bos)
     chunks = [bos + ids[i : i + step] for i in range(0, len(ids), step) if len(ids[i : i + step]) >= step // 2]
     return chunks[:max_chunks] if max_chunks else chunks
+
+
+def text_prompts(model_dir: str | Path, n: int = 4, tokens: int = 200) -> list[str]:
+    """``n`` prompts of ``tokens`` tokens of the first default text, as strings (for engine runs that score them with
+    ``prompt_logprobs``: benchmarks/smollm2_*.py)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tok(default_texts()[0].read_text())["input_ids"]
+    return [tok.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(n)]
