@@ -488,7 +488,14 @@ def _move_into_place(tmp: Path, target: Path) -> None:
 # Quantized checkpoints (the body quantized the way llm-compressor / vLLM's fp8 format store it; the head not)
 # --------------------------------------------------------------------------------------------------------
 
-QUANTIZED_SCHEMES = ("ct-fp8-dynamic", "ct-int8-w8a8", "vllm-fp8")
+_W8_SCHEMES = ("ct-fp8-dynamic", "ct-int8-w8a8", "vllm-fp8")
+# Built by vllm_lmhead_quant.tiny_quantized (its SCHEMES; a test keeps the two lists equal): AutoAWQ, AutoGPTQ,
+# llm-compressor W4A16/NVFP4, ModelOpt FP8/NVFP4 and DeepSeek-style block FP8 layouts.
+_LAYOUT_SCHEMES = (
+    "awq-g32", "awq-g128", "gptq-g32", "gptq-g128", "gptq-g128-desc", "ct-w4a16", "ct-nvfp4", "modelopt-fp8",
+    "modelopt-nvfp4", "block-fp8",
+)  # fmt: skip
+QUANTIZED_SCHEMES = _W8_SCHEMES + _LAYOUT_SCHEMES
 
 
 def _ct_config(kind: str, num_bits: int = 8, head: bool = False) -> dict[str, Any]:
@@ -509,8 +516,14 @@ def _ct_config(kind: str, num_bits: int = 8, head: bool = False) -> dict[str, An
     }
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, quantize_head: bool = False) -> Path:
+def quantize_checkpoint(
+    src: str | Path, dst: str | Path, scheme: str, *, quantize_head: bool = False, **kw: Any
+) -> Path:
     """Copy the checkpoint ``src`` to ``dst`` with every body linear weight (``*_proj.weight``) quantized.
+
+    The 4-bit, FP4 and block-FP8 schemes (``_LAYOUT_SCHEMES``: ``awq-g32``, ``gptq-g128``, ``ct-nvfp4``,
+    ``modelopt-fp8``, ``block-fp8``, ...) are built by :func:`vllm_lmhead_quant.tiny_quantized.quantize_checkpoint`,
+    which takes their options as ``kw``; the three schemes below take none.
 
     ``ct-fp8-dynamic``: compressed-tensors FP8 e4m3, per-channel weight scales, dynamic per-token activations.
     ``ct-int8-w8a8``: compressed-tensors INT8, per-channel weight scales, dynamic per-token activations.
@@ -526,8 +539,14 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str, *, quanti
 
     from vllm_lmhead_quant.quant import FP8, quantize_rows
 
+    if scheme in _LAYOUT_SCHEMES:
+        from vllm_lmhead_quant import tiny_quantized
+
+        return tiny_quantized.quantize_checkpoint(src, dst, scheme, quantize_head=quantize_head, **kw)
     if scheme not in QUANTIZED_SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(QUANTIZED_SCHEMES)}")
+    if kw:
+        raise TypeError(f"scheme {scheme!r} takes no options, got {', '.join(sorted(kw))}")
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", COMPLETE_MARKER))
     tensors = load_file(str(src / "model.safetensors"))
