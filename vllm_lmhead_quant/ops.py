@@ -2,9 +2,13 @@
 
 ``fp32_logits``: bf16/fp16 operands, fp32 logits. On CUDA/ROCm one ``torch.mm(..., out_dtype=torch.float32)``
 (the bf16 x bf16 -> fp32 cuBLAS GEMM: no fp32 weight copy, same cost as the bf16 GEMM). Where that overload has
-no kernel (CPU, XPU, batch-invariant mode) the operands are upcast for the call, which is exact: a product of
-two bf16 values is representable in fp32. These are the same ops as vLLM's ``head_dtype=float32`` path
-(``LogitsProcessor._apply_head``), so results are bitwise equal to it.
+no kernel (CPU, XPU) the operands are upcast for the call, which is exact: a product of two bf16 values is
+representable in fp32. These are the same ops as vLLM's ``head_dtype=float32`` path
+(``LogitsProcessor._apply_head``, 0.26 to 0.34), in every mode, so results are bitwise equal to it. That includes
+vLLM's batch-invariant mode: vLLM's path calls the same op there, and the mode only decides which kernel the op
+reaches (cuBLASLt without split-K on SM 9.0+; vLLM 0.34's Triton ``aten::mm.dtype`` override on SM 8.x/ROCm).
+Until 2026-12-07 this head switched to the upcast in that mode: 6-16x slower than bf16 on an H100 and *not* batch
+invariant (issue #29, shared/research/measurements-2026-12-07.md).
 
 ``quantized_logits``: weight-only FP8 or INT8 (``quant.py``). e4m3 and int8 values convert exactly to bf16/fp16, so
 the activation stays in its dtype, products accumulate in fp32 and the per-row scale is applied to the fp32 result;
@@ -22,17 +26,10 @@ CHUNK_ROWS = 4096
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def fp32_logits(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, use_out_dtype: bool | None = None
-) -> torch.Tensor:
-    """``x @ weight.T (+ bias)`` with fp32 output from bf16/fp16 operands.
-
-    ``use_out_dtype=None`` picks the fused path on CUDA/ROCm tensors; callers force it off in
-    batch-invariant mode.
-    """
-    if use_out_dtype is None:
-        use_out_dtype = x.is_cuda
-    if use_out_dtype and x.dtype in _HALF and weight.dtype == x.dtype:
+def fp32_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T (+ bias)`` with fp32 output from bf16/fp16 operands: the fused GEMM on CUDA/ROCm tensors, the
+    exact upcast elsewhere (vLLM's ``head_dtype`` path makes the same choice, from the same facts)."""
+    if x.is_cuda and x.dtype in _HALF and weight.dtype == x.dtype:
         two_d = x.dim() == 2  # vLLM's case: no reshapes (each costs ~2 us of host time per decode step)
         logits = torch.mm(x if two_d else x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
         if bias is not None:
@@ -122,12 +119,16 @@ def head_path(device: torch.device, q_dtype: torch.dtype) -> tuple[int, str]:
     the bf16 head. Said once per engine at start-up, so a slow path is never silent."""
     import logging
 
+    from vllm_lmhead_quant.kernels import device as kdevice
+
+    # The generic path's GEMM per chunk is vLLM's fp32 GEMM of the device (upcast on CPU, mm out_dtype on GPUs
+    # without a kernel path): its rows depend on the batch size on CPU, and nobody measured it on those GPUs.
+    bi = BI_GENERIC if kdevice.batch_invariant_mode() else ""
     if device.type != "cuda":
         return logging.WARNING, (
             f"on {device.type.upper()} the head converts {CHUNK_ROWS}-row chunks of the one-byte weight per call: "
-            f"{GENERIC_COST['cpu']}. It saves memory, not time; the fast path needs a GPU"
+            f"{GENERIC_COST['cpu']}. It saves memory, not time; the fast path needs a GPU{bi}"
         )
-    from vllm_lmhead_quant.kernels import device as kdevice
     from vllm_lmhead_quant.kernels import weight_only
 
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -137,13 +138,15 @@ def head_path(device: torch.device, q_dtype: torch.dtype) -> tuple[int, str]:
         why = "Triton is not installed" if not weight_only.HAS_TRITON else f"SM {facts.capability} has no kernel path"
         return logging.WARNING, (
             f"{why} on {facts.name}: the head converts {CHUNK_ROWS}-row chunks of the one-byte weight per call, "
-            f"{GENERIC_COST['cuda']}. Use bf16_last_layer_fp32 or no flag there unless memory is what you need"
+            f"{GENERIC_COST['cuda']}. Use bf16_last_layer_fp32 or no flag there unless memory is what you need{bi}"
         )
-    line = f"fused weight-only kernel, {path.describe()}"
+    line = f"fused weight-only kernel, {path.describe(weight_only._FORMAT_OF.get(q_dtype))}"
     if q_dtype == torch.float8_e4m3fn and not path.fp8_convert:
         return logging.WARNING, f"{line}. {FP8_BITS_COST}"
     return logging.INFO, line
 
+
+BI_GENERIC = ". Under vLLM's batch-invariant mode this path is not guaranteed batch invariant (the fused kernel is)"
 
 # The FP8 bit-decoding path against the bf16 head at decode (M <= 64), measured with that path forced on an H200
 # (docs/bench/kernel_paths.md); an A100 has less bandwidth per integer op, so its own ratio is likely lower.

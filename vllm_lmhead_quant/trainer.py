@@ -24,13 +24,23 @@ Numerics (``N`` tokens, ``H`` hidden, ``V`` vocab, ``g`` the fp32 logits gradien
   the chunk is first scaled by a power of two so that small gradients do not underflow fp16's range.
   The result is then rounded once to the parameter/activation dtype, as on CPU.
 
-No vLLM import: this module runs in the trainer process. ``transformers`` is not imported either; the HF helpers
-only use ``get_output_embeddings()``.
+Bitwise twin (``batch_invariant=True``, issue #29): an engine under vLLM's batch-invariant mode
+(``VLLM_BATCH_INVARIANT=1``) computes each token's logits with bits that do not depend on the batch. The forward
+here is already the engine's op; what can still differ is the kernel the op reaches, which vLLM's mode sets
+process-wide (cuBLASLt without split-K on SM 9.0+, vLLM 0.34's Triton ``aten::mm.dtype`` kernel on SM 8.x/ROCm).
+With the same mode on in the trainer process, the twin's logits for a hidden state are the engine's bits, whatever
+the two batch sizes; the option checks that the mode is on and refuses to run otherwise (docs/rl-bitwise.md). On
+CPU there is no such mode: the twin equals the engine only for the same batch, and says so once.
+
+No vLLM import at module level: this module runs in the trainer process (only ``batch_invariant=True`` on a GPU
+imports vLLM, to check its mode). ``transformers`` is not imported either; the HF helpers only use
+``get_output_embeddings()``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -42,6 +52,7 @@ __all__ = [
     "FP32Head",
     "FP32Linear",
     "FP32LMHeadMixin",
+    "check_batch_invariant",
     "disable_fp32_lm_head",
     "enable_fp32_lm_head",
     "fp32_lm_head_logits",
@@ -87,17 +98,58 @@ class FP32Head(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def fp32_lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def fp32_lm_head_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, batch_invariant: bool = False
+) -> torch.Tensor:
     """Functional form of :class:`FP32Head`: fp32 logits ``[..., V]`` from ``hidden [..., H]`` and ``weight [V, H]``.
 
     Without autograd in play (``torch.no_grad()`` or nothing requiring grad) this is ``ops.fp32_logits`` itself.
+    ``batch_invariant=True``: the bits of an engine under vLLM's batch-invariant mode, checked
+    (:func:`check_batch_invariant`).
     """
+    if batch_invariant:
+        check_batch_invariant(hidden, weight)
     if torch.is_grad_enabled() and (
         hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     ):
         return FP32Head.apply(hidden, weight, bias)
     with _no_autocast(hidden):
         return fp32_logits(hidden, weight, bias)
+
+
+def check_batch_invariant(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """Raise unless this head GEMM reaches the kernel of an engine under vLLM's batch-invariant mode.
+
+    GPU: vLLM's batch-invariant mode must be on in this process (its cuBLAS set-up is read when cuBLAS first runs,
+    so before the trainer's first GEMM), and the operands must be the engine's (bf16/fp16, one dtype). CPU: no such
+    mode exists; a warning says the bits match the engine's only for the same batch.
+    """
+    if not (hidden.dtype in _HALF_TYPES and weight.dtype == hidden.dtype):
+        raise TypeError(
+            f"batch_invariant=True reproduces an engine whose head multiplies its bf16/fp16 weight; got hidden "
+            f"{hidden.dtype} and weight {weight.dtype}. Run the head on the weight in the engine's dtype (e.g. FSDP "
+            "mixed precision's param_dtype) and without autocast changing it"
+        )
+    if not hidden.is_cuda:
+        warnings.warn(NO_CPU_MODE, RuntimeWarning, stacklevel=3)
+        return
+    from vllm_lmhead_quant import _compat
+
+    if not _compat.batch_invariant_mode_active():
+        raise RuntimeError(NEEDS_MODE)
+
+
+NO_CPU_MODE = (
+    "batch_invariant=True on CPU: vLLM has no batch-invariant mode there, so the head equals the engine's bits only "
+    "for the same batch of tokens (CPU GEMM rows change with the batch size)"
+)
+NEEDS_MODE = (
+    "batch_invariant=True needs vLLM's batch-invariant mode on in this trainer process, as in the engine, or the "
+    "head GEMM may reach another cuBLAS kernel than the engine's. Switch it on before the first GEMM: "
+    "os.environ['VLLM_BATCH_INVARIANT'] = '1', then init_batch_invariance() from vLLM's batch_invariant module "
+    "(vllm.model_executor.determinism on vLLM >= 0.30, vllm.model_executor.layers on 0.26), with the engine's torch "
+    "and vLLM versions (docs/rl-bitwise.md)"
+)
 
 
 def _no_autocast(x: torch.Tensor):
@@ -153,8 +205,10 @@ def _split(g: torch.Tensor, dtype: torch.dtype) -> tuple[tuple[torch.Tensor, tor
 class FP32LMHeadMixin:
     """Mixed into the class of one ``nn.Linear`` head instance by :func:`enable_fp32_lm_head`: fp32 logits."""
 
+    fp32_batch_invariant = False  # set per instance by enable_fp32_lm_head(..., batch_invariant=True)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return fp32_lm_head_logits(input, self.weight, self.bias)
+        return fp32_lm_head_logits(input, self.weight, self.bias, batch_invariant=self.fp32_batch_invariant)
 
 
 _SUBCLASSES: dict[type, type] = {}
@@ -184,7 +238,7 @@ def _head(model: nn.Module) -> nn.Module:
     return head
 
 
-def enable_fp32_lm_head(model: nn.Module) -> nn.Module:
+def enable_fp32_lm_head(model: nn.Module, *, batch_invariant: bool = False) -> nn.Module:
     """Make a Hugging Face causal LM's head return fp32 logits from its bf16 weight, in place; returns ``model``.
 
     Only that one module instance changes: its class becomes ``FP32<its class>`` (a subclass whose ``forward`` is
@@ -194,10 +248,15 @@ def enable_fp32_lm_head(model: nn.Module) -> nn.Module:
     twice is a no-op; :func:`disable_fp32_lm_head` undoes it. ``model`` may also be the ``nn.Linear`` head itself.
 
     The model's later ops (soft-capping, logit scaling, the HF loss, which upcasts anyway) then run on fp32 logits.
+
+    ``batch_invariant=True``: the head reproduces the bits of an engine running under vLLM's batch-invariant mode
+    for the same hidden states, and each forward checks that this process runs that mode too
+    (:func:`check_batch_invariant`). Calling it again sets the option anew.
     """
     head = _head(model)
     if not isinstance(head, FP32LMHeadMixin):
         head.__class__ = _fp32_class(type(head))
+    head.fp32_batch_invariant = batch_invariant
     return model
 
 
@@ -206,6 +265,7 @@ def disable_fp32_lm_head(model: nn.Module) -> nn.Module:
     head = _head(model)
     if isinstance(head, FP32LMHeadMixin):
         head.__class__ = next(c for c in type(head).__mro__[1:] if not issubclass(c, FP32LMHeadMixin))
+        head.__dict__.pop("fp32_batch_invariant", None)
     return model
 
 

@@ -34,23 +34,49 @@ class KernelPath:
     tma: bool  # configs that ask for TMA get it
     ptx: bool  # INT8 converts with inline PTX (NVIDIA); False: Triton's plain cast
     min_tiles: int  # fewer vocab x token tiles than this under-fill the GPU: narrower vocab tiles
+    batch_invariant: bool = False  # vLLM's batch-invariant mode: one config for every M (tables.BATCH_INVARIANT_M)
     picked: dict = field(default_factory=dict, repr=False)
 
-    def describe(self) -> str:
+    def describe(self, fmt: str | None = None) -> str:
+        """One line for the logs; ``fmt`` ("fp8"/"int8"): name only that format's pinned config."""
         fp8 = "hardware e4m3 convert" if self.fp8_convert else "e4m3 decoded from its bits"
-        return f"{self.family} path ({fp8}, {'TMA' if self.tma else 'pointer'} loads, table {self.table.source})"
+        line = f"{self.family} path ({fp8}, {'TMA' if self.tma else 'pointer'} loads, table {self.table.source})"
+        if self.batch_invariant:
+            rows = self.pinned_rows()
+            pins = "; ".join(f"{name} {pinned(cfg)}" for name, cfg in rows.items() if fmt in (None, name))
+            line += (
+                f"; vLLM batch-invariant mode: one config for every M, the table's M = {tables.BATCH_INVARIANT_M} row "
+                f"({pins}; block_n halved only where the vocab shard has too few tiles, fp16 maths only at hidden "
+                ">= 2048)"
+            )
+        return line
+
+    def pinned_rows(self) -> dict[str, tables.KernelConfig]:
+        """Per weight format, the row every M runs in batch-invariant mode."""
+        return {fmt: tables.batch_invariant_row(rows) for fmt, rows in self.table.rows.items()}
+
+
+def pinned(cfg: tables.KernelConfig) -> str:
+    """A config as the start-up line names it."""
+    named = (("swap AB", cfg.swap_ab), ("TMA", cfg.tma), ("fp16 maths", cfg.fp16_math))
+    flags = "".join(f", {name}" for name, on in named if on)
+    return f"block {cfg.block_m}x{cfg.block_n}x{cfg.block_k}, {cfg.num_warps} warps, {cfg.num_stages} stages{flags}"
 
 
 _FAMILIES = {8: "ampere", 9: "hopper", 10: "blackwell", 11: "blackwell", 12: "blackwell-consumer"}
 
 
-def path_for(facts: DeviceFacts, table: tables.Table | None = None) -> KernelPath | None:
+def path_for(
+    facts: DeviceFacts, table: tables.Table | None = None, *, batch_invariant: bool = False
+) -> KernelPath | None:
     """The kernel path for a device, or None where the fused kernel cannot run (NVIDIA before SM 8.0: no bf16
-    tensor cores in Triton)."""
+    tensor cores in Triton). ``batch_invariant``: one config for every M (vLLM's batch-invariant mode)."""
     table = table or tables.for_device(facts.name, facts.smem_per_block)
     min_tiles = 2 * max(facts.sm_count, 1)  # two programs per SM hide one's epilogue behind the other's loads
     if facts.hip:
-        return KernelPath("rocm", table, fp8_convert=False, tma=False, ptx=False, min_tiles=min_tiles)
+        return KernelPath(
+            "rocm", table, fp8_convert=False, tma=False, ptx=False, min_tiles=min_tiles, batch_invariant=batch_invariant
+        )
     if facts.capability < (8, 0):
         return None
     family = "ada" if facts.capability == (8, 9) else _FAMILIES.get(facts.capability[0], "nvidia")
@@ -61,6 +87,7 @@ def path_for(facts: DeviceFacts, table: tables.Table | None = None) -> KernelPat
         tma=facts.capability[0] >= 9,
         ptx=True,
         min_tiles=min_tiles,
+        batch_invariant=batch_invariant,
     )
 
 
@@ -84,4 +111,17 @@ def facts(index: int) -> DeviceFacts:
 
 @functools.cache
 def device_path(index: int) -> KernelPath | None:
-    return path_for(facts(index))
+    return path_for(facts(index), batch_invariant=batch_invariant_mode())
+
+
+def batch_invariant_mode() -> bool:
+    """vLLM's batch-invariant mode (``VLLM_BATCH_INVARIANT``, read as vLLM reads it). False in a process that has not
+    imported vLLM (offline kernel compiles, the kernel benchmarks): only vLLM can switch its mode on, and this module
+    does not import it."""
+    import sys
+
+    if "vllm" not in sys.modules:
+        return False
+    from vllm_lmhead_quant import _compat
+
+    return _compat.batch_invariant_enabled()

@@ -46,6 +46,19 @@ class Table(NamedTuple):
     smem_bytes: int | None = None  # generic tables: the shared memory per block every config fits in
 
 
+# vLLM's batch-invariant mode: every M runs the config that the table gives this M. The tuned rows change the
+# reduction's shape between M buckets (block_k 64 or 128, swap AB, fp16 maths on or off), so a token's logits could
+# depend on how many tokens share its batch; one config for every M removes that by construction (issue #29). Why
+# the M = 64 row: it is tuned for the largest decode batch, so decode keeps a memory-bound tile (a large-M row would
+# multiply up to 256 padded tokens per tile at M = 1), and at prefill sizes it is still a full tensor-core tile.
+BATCH_INVARIANT_M = 64
+
+
+def batch_invariant_row(rows: Rows) -> KernelConfig:
+    """The one config of a format's rows that serves every M in batch-invariant mode."""
+    return next(cfg for max_m, cfg in rows if max_m >= BATCH_INVARIANT_M)
+
+
 def file_name(device_name: str) -> str:
     return device_name.replace(" ", "_") + ".json"
 

@@ -36,6 +36,7 @@ There is no autotuning at run time (``python -m vllm_lmhead_quant.tune`` writes 
 per config compiles and every later call, inside CUDA-graph capture included, is one or two launches with no host
 sync and no allocation other than the output (and, with fp16 math, the converted activations). Every config
 accumulates K in the same order, so a token's logits do not depend on the batch size it was computed in (tested).
+Under vLLM's batch-invariant mode that does not rest on the tables: one config serves every M (``pick_config``).
 
 Triton is imported under a guard: this module imports on CPU-only machines (CI), where :func:`is_supported`
 returns False.
@@ -59,7 +60,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     TensorDescriptor = None
     HAS_TRITON = False
 
-from vllm_lmhead_quant.kernels import device  # noqa: E402
+from vllm_lmhead_quant.kernels import device, tables  # noqa: E402
 from vllm_lmhead_quant.kernels.device import KernelPath  # noqa: E402
 from vllm_lmhead_quant.kernels.tables import KernelConfig  # noqa: E402,F401 - re-exported
 
@@ -84,19 +85,24 @@ def pick_config(
     m: int, n: int, k: int, q_dtype: torch.dtype = FP8_DTYPE, path: KernelPath | None = None
 ) -> KernelConfig:
     """The device table's config for ``m`` tokens and the weight format; ``block_n`` halved (to >= 32) while ``n``
-    gives too few tiles to fill the GPU."""
+    gives too few tiles to fill the GPU. A batch-invariant path (vLLM's mode) gives every ``m`` the same config for
+    a given ``(n, k)``: its pinned row, narrowed and switched as for one token tile (tables.BATCH_INVARIANT_M)."""
     path = path or _current_path()
     key = (m, n, k, q_dtype)
     cfg = path.picked.get(key)
     if cfg is None:
         if len(path.picked) > 4096:
             path.picked.clear()
-        cfg = next(c for max_m, c in path.table.rows[_FORMAT_OF[q_dtype]] if m <= max_m)
+        rows = path.table.rows[_FORMAT_OF[q_dtype]]
+        if path.batch_invariant:
+            cfg, m_tiles, large_m = tables.batch_invariant_row(rows), 1, False
+        else:
+            cfg = next(c for max_m, c in rows if m <= max_m)
+            m_tiles, large_m = -(-m // cfg.block_m), m > 128
         block_n = cfg.block_n
-        m_tiles = -(-m // cfg.block_m)
         while block_n > 32 and m_tiles * -(-n // block_n) < path.min_tiles:
             block_n //= 2
-        fp16_math = cfg.fp16_math and (k >= _FP16_MIN_K or m > 128)
+        fp16_math = cfg.fp16_math and (k >= _FP16_MIN_K or large_m)
         cfg = path.picked[key] = cfg._replace(block_n=block_n, fp16_math=fp16_math)
     return cfg
 
