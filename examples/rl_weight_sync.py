@@ -1,7 +1,7 @@
 """A complete RL-style loop: load, generate with logprobs, push new weights into the running engine, check.
 
     python examples/rl_weight_sync.py [--method int8_lm_head|fp8_lm_head|bf16_last_layer_fp32] [--steps 100]
-                                      [--tied-quantize]
+                                      [--tied-quantize]          (after `bash tools/bootstrap.sh`; uses .venv)
 
 Each step a stand-in "trainer" moves the head (new random head/embedding table) and pushes it with
 ``model.load_weights`` inside the worker (``LLM.apply_model``; RL frameworks do the same through ``collective_rpc``
@@ -21,6 +21,10 @@ import sys
 import tempfile
 import time
 
+from _venv import use_venv
+
+use_venv()
+# In-process engines, eager: each starts in seconds on CPU (vLLM settings for this example; drop them on a GPU).
 for _k, _v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1", "VLLM_NO_USAGE_STATS": "1"}.items():
     os.environ.setdefault(_k, _v)
 
@@ -96,6 +100,12 @@ def main() -> int:
     print(f"  logprobs bitwise equal to a fresh engine on the final weights: {exact}")
     print(f"  head tensors unchanged (same storage, same bytes): {same_storage}; {storage}")
     print(f"  peak RSS during the updates: {rss0 / 1024:.0f} MiB -> {rss1 / 1024:.0f} MiB")
+    print(
+        "Each update reached the head in place (a quantized head re-quantizes the new rows: same tensors, same "
+        "bytes), and the engine then answers exactly as one freshly loaded with the final weights."
+        if exact and same_storage
+        else "FAILED: the updated engine differs from a fresh one, or the head's tensors changed (see above)."
+    )
     return 0 if exact and same_storage else 1
 
 

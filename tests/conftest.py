@@ -18,12 +18,37 @@ for key, value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "1",
+    # How long vLLM waits for a worker process to exit before it kills it. An upper bound (vLLM goes on as soon as
+    # they exit), which must exceed a worker's own exit, 5-8 s on 2 busy cores: a worker killed in its exit never
+    # unlinks its shared memory (tests/leftovers.py). 1 s here left 34 segments of 4 MiB in /dev/shm per suite run.
+    "VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS": "60",
     "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",  # LLM.apply_model in multi-process engines
 }.items():
     os.environ.setdefault(key, value)
 
 import pytest  # noqa: E402
+from leftovers import left_behind, segments  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_VENVS = {".venv-triton": "GPU-kernel compile tests", ".venv-vllm034": "vLLM 0.34 layer-level tests"}
+
+
+def pytest_report_header(config):
+    """Say up front which tests will skip for a missing test environment (``bash tools/bootstrap.sh --tests``)."""
+    missing = [f"{v} ({what})" for v, what in TEST_VENVS.items() if not os.path.exists(os.path.join(ROOT, v, "bin"))]
+    if missing:
+        return f"MISSING: {', '.join(missing)}: they will skip; run bash tools/bootstrap.sh --tests"
+    return f"test environments: .venv, {', '.join(TEST_VENVS)}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_leftovers(request):
+    """Every module, the multi-process ones above all, leaves no vLLM shared memory and no child process behind."""
+    before = segments()
+    yield
+    leaked, procs = left_behind(before)
+    assert not leaked, f"{request.module.__name__} left shared memory in /dev/shm (removed now): {sorted(leaked)}"
+    assert not procs, f"{request.module.__name__} left processes running: {procs}"
 
 
 @pytest.fixture(scope="session")

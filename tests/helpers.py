@@ -33,3 +33,17 @@ def _cached(path, frozen) -> Run:
 def cached_run(path, **kwargs) -> Run:
     """Memoized run_llm for baselines shared by several tests (same process, same arguments)."""
     return _cached(str(path), tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
+
+
+def run_harness(script, python, arg, **env) -> dict:
+    """Run a harness script (its own process: its own process group, or another venv's vLLM) with ``arg`` as JSON,
+    and return the JSON it prints between ``@@RESULT@@`` marks."""
+    import json
+    import os
+    import subprocess
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}, **env}
+    proc = subprocess.run([str(python), str(script), json.dumps(arg)], capture_output=True, text=True, timeout=900,
+                          env=env)  # fmt: skip
+    assert proc.returncode == 0 and "@@RESULT@@" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    return json.loads(proc.stdout.split("@@RESULT@@")[1])

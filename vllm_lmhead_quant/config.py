@@ -51,6 +51,17 @@ class _ModelFacts:
         self.head_dtype = _compat.head_dtype(model_config) if model_config is not None else None
         self.untied_by_checkpoint = _compat.untied_by_checkpoint(model_config)
         self.options = HeadOptions.from_additional_config(_compat.additional_config(vllm_config))
+        # Which model this is: a pooling model computes no logits (its head is a placeholder), and a speculative
+        # draft model is built from its own ModelConfig, with a quantization config only if the user gave it one.
+        self.runner = _compat.runner_type(model_config) if model_config is not None else "generate"
+        spec = getattr(vllm_config, "speculative_config", None)
+        draft_config = getattr(spec, "draft_model_config", None)
+        self.is_draft = self.runner == "draft" or (draft_config is not None and draft_config is model_config)
+        if self.is_draft:
+            self.architecture = f"{self.architecture} (speculative draft)"
+        self.spec_method = None if self.is_draft else getattr(spec, "method", None)
+        self.draft_config = None if self.is_draft else draft_config
+        self.draft_lm_head_quantization = None if self.is_draft else _compat.draft_lm_head_quantization(vllm_config)
 
 
 class _HeadOnlyConfig(OnlineBody, QuantizationConfig):
@@ -111,12 +122,24 @@ class _HeadOnlyConfig(OnlineBody, QuantizationConfig):
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
         """Claim a quantized checkpoint only when the user asked for this method by name, so loading it without
-        our flag (or with another method) behaves exactly as before."""
-        return cls.name if user_quant == cls.name else None
+        our flag (or with another method) behaves exactly as before; the body's method is vLLM's own choice for it
+        (checkpoint.py)."""
+        if user_quant != cls.name:
+            return None
+        from vllm_lmhead_quant.checkpoint import claim
+
+        return claim(cls.name, hf_quant_cfg, hf_config)
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if isinstance(layer, VocabParallelEmbedding):
+            from vllm_lmhead_quant.checkpoint import refuse_gguf
+
+            refuse_gguf(self.name, _compat.current_vllm_config())
+        if isinstance(layer, VocabParallelEmbedding) and self._pooling_model():
+            return None  # vLLM's own method: a pooling model computes no logits (see _pooling_model)
         if isinstance(layer, ParallelLMHead):
             facts = _ModelFacts(_compat.current_vllm_config())
+            self._check_speculative(facts)
             self._release_candidates()
             self._head_bound = True
             method = self._head_method(prefix, facts, tied=facts.tied, module=True)
@@ -148,6 +171,68 @@ class _HeadOnlyConfig(OnlineBody, QuantizationConfig):
         # attention, MoE, norms...: vLLM's default for "no quantization" (None), or on vLLM 0.26 the body's method
         return self.body_method(layer, prefix)
 
+    def _pooling_model(self) -> bool:
+        """``runner="pooling"`` (``LLM.embed``/``score``/``classify``, ``--convert embed``...): vLLM wraps the built LM
+        head in a placeholder that never runs (its weight goes to the meta device) and pools hidden states through
+        its own float32 ``head_dtype`` classifier, which no quantization config is asked about when it is read from
+        head rows. So the head and embeddings keep vLLM's own methods (no binding, no binding line, no wrong
+        ``head_dtype`` refusal, nothing to quantize on a meta tensor), the never-silent checks stand down, and one
+        line says the flag changes nothing here."""
+        facts = _ModelFacts(_compat.current_vllm_config())
+        if facts.runner != "pooling":
+            return False
+        self._head_bound = True  # nothing to bind: not a silent no-op, the line below says so
+        body = facts.options.body
+        _log.once(
+            logging.WARNING,
+            ("pooling", facts.architecture, self.name),
+            "%s runs as a pooling model (runner 'pooling'): it computes no logits, so vLLM replaces its LM head by a "
+            "placeholder and --quantization %s leaves the head and embeddings as vLLM builds them (0 bytes saved; "
+            "the pooler keeps vLLM's own head_dtype)%s. Run without the flag%s.",
+            facts.architecture,
+            self.name,
+            f"; only the body option ({body}) applies" if body else "",
+            f", or use --quantization {body}" if body else "",
+        )
+        return True
+
+    def _check_speculative(self, facts: _ModelFacts) -> None:
+        """The target's head, built with our config, next to a speculative decoder that has a head of its own. vLLM
+        0.33+ ``draft_lm_head_quantization`` derives an FP8/NVFP4 copy of the target's head for EAGLE/MTP drafts only
+        from an unquantized bf16/fp16 head: refused here, at start-up, for the one-byte heads (vLLM would raise
+        after loading with a generic message). A ``draft_model`` draft is built from its own ModelConfig: its head
+        gets our method only if the user gives it our name too; otherwise one line says so and how."""
+        if facts.draft_lm_head_quantization and self.name != "bf16_last_layer_fp32":
+            raise ValueError(
+                f"speculative_config draft_lm_head_quantization={facts.draft_lm_head_quantization!r} cannot be "
+                f"combined with --quantization {self.name}: vLLM quantizes a copy of the target's LM head for the "
+                "draft only from an unquantized bf16/fp16 head, and this head is already one byte per weight. Drop "
+                f"draft_lm_head_quantization: a draft that shares the target's head then drafts through the "
+                f"{self.name} head itself (same bytes, no second copy)."
+            )
+        draft = facts.draft_config
+        if facts.spec_method != "draft_model" or draft is None or getattr(draft, "quantization", None) == self.name:
+            return  # no draft model, or one built with our config (it logs its own binding line)
+        text = getattr(draft, "hf_text_config", None)
+        vocab, hidden = getattr(text, "vocab_size", 0), getattr(text, "hidden_size", 0)
+        dtype = getattr(draft, "dtype", None)
+        size = vocab * hidden * (dtype.itemsize if isinstance(dtype, torch.dtype) else 2)
+        _log.once(
+            logging.WARNING,
+            ("draft-model", self.name),
+            "speculative decoding: the draft model '%s' is built from its own config with quantization=%s, so its LM "
+            'head (%d x %d, %s) keeps vLLM\'s method, not %s. To give it %s too, add "quantization": "%s" to '
+            "--speculative-config.",
+            getattr(draft, "model", "?"),
+            getattr(draft, "quantization", None),
+            vocab,
+            hidden,
+            _log.mib(size),
+            self.name,
+            self.name,
+            self.name,
+        )
+
     def _check_offered(self, layer: torch.nn.Module) -> None:
         """vLLM asks again for each attention layer's method in its own post-load step (after the whole model
         was built and loaded). A second ask for the same layer with no head and no embedding ever offered to
@@ -168,6 +253,8 @@ class _HeadOnlyConfig(OnlineBody, QuantizationConfig):
         if self._watching or not _compat.is_last_pp_rank():  # other pipeline stages hold no head
             return
         self._watching = True
+        if self._pooling_model():  # no head to bind (e.g. an encoder-only pooling model): said, not an error
+            return
         architecture = _ModelFacts(_compat.current_vllm_config()).architecture  # known while the model is built
 
         def check(module, args):

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vllm_lmhead_quant._quiet import default_log, vllm_log
+
 QUANTIZE_TIED = {"tied": "quantize"}
 HEADS = {
     "bf16": {},
@@ -55,8 +57,13 @@ DEFAULT_HEADS = ("bf16", "vllm-fp32", "fp32", "fp8", "int8")
 GREEDY_REFERENCE = "vllm-fp32"
 
 
+# Where progress goes: stderr, or the terminal while main() sends vLLM's output to a log file (_quiet.vllm_log).
+_STDERR = functools.partial(print, file=sys.stderr, flush=True)
+_say = _STDERR
+
+
 def _log(msg: str) -> None:
-    print(f"[parity] {msg}", file=sys.stderr, flush=True)
+    _say(f"[parity] {msg}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,6 +349,7 @@ def main(argv=None) -> int:
     parser.add_argument("--engine-args", default="{}", help="extra LLM(...) kwargs as JSON")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--png", type=Path, help="write the |Δ logprob| distributions here")
+    parser.add_argument("--vllm-log", default=str(default_log("parity")), help="vLLM's own output ('-': the terminal)")
     args = parser.parse_args(argv)
     heads = [h.strip() for h in args.heads.split(",") if h.strip()]
     unknown = sorted(set(heads) - set(HEADS))
@@ -349,26 +357,49 @@ def main(argv=None) -> int:
         parser.error(f"unknown head(s) {unknown}; choose from {', '.join(HEADS)}")
     for key, value in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1"}.items():
         os.environ.setdefault(key, value)  # in-process engines: the hook's results come back without pickling
-    import vllm_lmhead_quant
+    global _say
+    log = None if args.vllm_log == "-" else args.vllm_log
+    with vllm_log(log) as term:
+        _say = term.say
+        if log:
+            _log(f"vLLM's own output: {log}")
+        import vllm_lmhead_quant
 
-    vllm_lmhead_quant.register()
-    model = args.model
-    if model == "smollm2":
-        from vllm_lmhead_quant.real_model import smollm2
+        vllm_lmhead_quant.register()
+        model = args.model
+        if model == "smollm2":
+            from vllm_lmhead_quant.real_model import smollm2
 
-        _log("building/using the SmolLM2-135M-Instruct checkpoint")
-        model = smollm2()
-    results = run(
-        model, args.text, heads, chunk_len=args.chunk_len, max_chunks=args.max_chunks,
-        greedy_prompts=args.greedy_prompts, greedy_tokens=args.greedy_tokens,
-        engine_args=json.loads(args.engine_args),
-    )  # fmt: skip
+            _log("building/using the SmolLM2-135M-Instruct checkpoint")
+            model = smollm2()
+        try:
+            results = run(
+                model, args.text, heads, chunk_len=args.chunk_len, max_chunks=args.max_chunks,
+                greedy_prompts=args.greedy_prompts, greedy_tokens=args.greedy_tokens,
+                engine_args=json.loads(args.engine_args),
+            )  # fmt: skip
+        finally:
+            _say = _STDERR
+    texts = ", ".join(p.name for p in args.text) if args.text else "the default texts (license files, real English)"
+    print(f"\n{Path(str(model)).name}: {results[0].positions} positions ({args.chunk_len}-token chunks of {texts}),")
+    print("each head against a trainer's head: fp64 logits from the checkpoint's bf16 weight on the unflagged")
+    print("engine's hidden states.\n")
     print(to_markdown(results))
+    print(EXPLAIN.format(greedy=f"{args.greedy_prompts} prompts x {args.greedy_tokens} tokens"))
     if args.json:
         args.json.write_text(to_json(results))
     if args.png:
         plot(results, args.png, f"{Path(str(model)).name}: {results[0].positions} positions")
     return 0
+
+
+EXPLAIN = """\
+RMS / max Δlogprob: of the true next token, head - reference (nats). top-1 flips: positions whose most likely token
+differs from the reference's. KL(ref‖head), KL(head‖ref): exact, averaged over positions; k3: the estimate RL stacks
+compute from one sampled token per position. ΔNLL: mean negative log-likelihood, head - reference (nats per token; +:
+worse perplexity). greedy = vLLM fp32: continuations ({greedy}) equal to vLLM's own fp32 head's.
+body bitwise: the hidden states equal the unflagged engine's; "no" where a tied table was quantized (the input
+embeddings change too): "RMS, head only" then scores the head on the engine's own hidden states."""
 
 
 if __name__ == "__main__":
