@@ -6,9 +6,8 @@ no kernel (CPU, XPU) the operands are upcast for the call, which is exact: a pro
 representable in fp32. These are the same ops as vLLM's ``head_dtype=float32`` path
 (``LogitsProcessor._apply_head``, 0.26 to 0.34), in every mode, so results are bitwise equal to it. That includes
 vLLM's batch-invariant mode: vLLM's path calls the same op there, and the mode only decides which kernel the op
-reaches (cuBLASLt without split-K on SM 9.0+; vLLM 0.34's Triton ``aten::mm.dtype`` override on SM 8.x/ROCm).
-Until 2026-12-07 this head switched to the upcast in that mode: 6-16x slower than bf16 on an H100 and *not* batch
-invariant (issue #29, shared/research/measurements-2026-12-07.md).
+reaches (cuBLASLt without split-K on SM 9.0+; vLLM 0.34's Triton ``aten::mm.dtype`` override on SM 8.x/ROCm);
+docs/rl-bitwise.md has the measurements (issue #29).
 
 ``quantized_logits``: weight-only FP8 or INT8 (``quant.py``). e4m3 and int8 values convert exactly to bf16/fp16, so
 the activation stays in its dtype, products accumulate in fp32 and the per-row scale is applied to the fp32 result;
