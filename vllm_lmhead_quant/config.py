@@ -135,8 +135,8 @@ class _HeadOnlyConfig(OnlineBody, QuantizationConfig):
             from vllm_lmhead_quant.checkpoint import refuse_gguf
 
             refuse_gguf(self.name, _compat.current_vllm_config())
-        if isinstance(layer, VocabParallelEmbedding) and self._pooling_model():
-            return None  # vLLM's own method: a pooling model computes no logits (see _pooling_model)
+            if self._pooling_model():
+                return None  # vLLM's own method: a pooling model computes no logits (see _pooling_model)
         if isinstance(layer, ParallelLMHead):
             facts = _ModelFacts(_compat.current_vllm_config())
             self._check_speculative(facts)
