@@ -106,6 +106,9 @@ def inspect_head(model):
         "param_bytes": sum(p.numel() * p.element_size() for p in head.parameters(recurse=False)),
         "is_embed_module": head is embed,
         "embed_dtype": str(embed.weight.dtype),
+        # a body layer's method, as vLLM picked it for the checkpoint (Marlin for 4-bit checkpoints on CUDA)
+        "body_method": type(getattr(dict(model.named_modules()).get("model.layers.0.mlp.down_proj"), "quant_method",
+                                None)).__name__,  # fmt: skip
     }
 
 

@@ -1,6 +1,7 @@
 """4-bit checkpoints (AWQ, GPTQ) on a GPU host: the body on vLLM's Marlin kernels, with and without our heads.
 
     python benchmarks/gpu_quantized_checkpoints.py --out DIR [--formats awq,gptq] [--parts accuracy,throughput]
+        [--heads bf16,oracle,fp32,int8,fp8]
 
 For each format a Qwen3-8B-shaped checkpoint is only a ``config.json`` with the format's ``quantization_config``
 (AutoAWQ GEMM / AutoGPTQ, 4 bits, group 128): vLLM fills the weights itself (``load_format="dummy"``), so the body runs
@@ -102,6 +103,7 @@ def main() -> int:
     ap.add_argument("--formats", default="awq,gptq")
     ap.add_argument("--parts", default="accuracy,throughput")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--heads", default=",".join(HEADS), help="accuracy engines to run, in this order")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -118,9 +120,9 @@ def main() -> int:
         if "accuracy" in args.parts:
             path = checkpoint(root, fmt, 2, weights=True)
             runs = {}
-            for head, kw in HEADS.items():
+            for head in args.heads.split(","):
                 try:
-                    runs[head] = gpu_e2e.isolated("accuracy", path, True, {**kw, "dtype": "float16"})
+                    runs[head] = gpu_e2e.isolated("accuracy", path, True, {**HEADS[head], "dtype": "float16"})
                 except RuntimeError as e:  # keep the other heads' results
                     entry[f"accuracy_{head}"] = {"error": str(e)[-1500:]}
                     ok = False

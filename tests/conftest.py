@@ -8,6 +8,7 @@ entry point registers the methods in every process.
 from __future__ import annotations
 
 import os
+import warnings
 
 # Must be set before vLLM is imported anywhere in this process.
 for key, value in {
@@ -27,7 +28,7 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 import pytest  # noqa: E402
-from leftovers import left_behind, segments  # noqa: E402
+from leftovers import OURS, left_behind, segments  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_VENVS = {".venv-triton": "GPU-kernel compile tests", ".venv-vllm034": "vLLM 0.34 layer-level tests"}
@@ -47,7 +48,11 @@ def no_leftovers(request):
     before = segments()
     yield
     leaked, procs = left_behind(before)
-    assert not leaked, f"{request.module.__name__} left shared memory in /dev/shm (removed now): {sorted(leaked)}"
+    ours = {n for n in leaked if n.startswith(OURS)}
+    assert not ours, f"{request.module.__name__} left shared memory in /dev/shm (removed now): {sorted(ours)}"
+    if leaked - ours:
+        left = sorted(leaked - ours)
+        warnings.warn(f"{request.module.__name__}: vLLM's message queues left {left} (removed now)", stacklevel=1)
     assert not procs, f"{request.module.__name__} left processes running: {procs}"
 
 
