@@ -123,6 +123,8 @@ def main() -> int:
             for head in args.heads.split(","):
                 try:
                     runs[head] = gpu_e2e.isolated("accuracy", path, True, {**HEADS[head], "dtype": "float16"})
+                    # each engine's raw result as soon as it exists: a run cut short by its time limit keeps them
+                    (args.out / f"accuracy_{fmt}_{head}.json").write_text(json.dumps(runs[head]))
                 except RuntimeError as e:  # keep the other heads' results
                     entry[f"accuracy_{head}"] = {"error": str(e)[-1500:]}
                     ok = False
