@@ -333,8 +333,22 @@ def batch_runs(llm, spec: dict) -> dict:
         outs = llm.generate(prompts, params, use_tqdm=False)
         records[n] = target_record(outs[(n - 1) // 2])
     alone = records[spec["batches"][0]]
-    return {"records": {str(n): r for n, r in records.items()},
-            "same_as_alone": {str(n): r == alone for n, r in records.items()}}  # fmt: skip
+    return {
+        "records": {str(n): r for n, r in records.items()},
+        "same_as_alone": {str(n): r == alone for n, r in records.items()},
+        "first_difference": {str(n): first_difference(alone, r) for n, r in records.items() if r != alone},
+    }
+
+
+def first_difference(alone: dict, other: dict) -> dict:
+    """Where a batch's record first departs from the prompt's record alone, with both sides there: kept in the JSON
+    (the full records are too large to publish), so that a mismatch can be told apart (a tie in the top 5, one
+    logprob's last bits, a different greedy token)."""
+    for part in ("prompt", "sample", "tokens"):
+        for step, (a, b) in enumerate(zip(alone[part], other[part])):
+            if a != b:
+                return {"part": part, "step": step, "alone": a, "in_batch": b}
+    return {"part": "length", "alone": len(alone["tokens"]), "in_batch": len(other["tokens"])}
 
 
 def _hook_on(model):
