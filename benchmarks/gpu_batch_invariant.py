@@ -332,6 +332,8 @@ def batch_runs(llm, spec: dict) -> dict:
         params[(n - 1) // 2] = scoring
         outs = llm.generate(prompts, params, use_tqdm=False)
         records[n] = target_record(outs[(n - 1) // 2])
+    # The prompt alone once more, last: a mismatch seen only in a batch could also be run-to-run (engine state).
+    records["1 again"] = target_record(llm.generate([target], scoring, use_tqdm=False)[0])
     alone = records[spec["batches"][0]]
     return {
         "records": {str(n): r for n, r in records.items()},
