@@ -97,3 +97,39 @@ def test_rejects_wrong_shapes_and_dtypes():
 
 def test_quantized_bytes():
     assert quantized_bytes(151936, 4096) == 151936 * 4096 + 4 * 151936
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=FORMATS)
+@pytest.mark.parametrize("group_size", [32, 64])
+def test_per_group_scales(fmt, group_size):
+    """One scale per ``group_size`` weights of a row: each group's largest magnitude maps to the top of the range,
+    the round trip is the per-row one applied group by group, and the error is below per-row's on rows whose
+    groups differ in magnitude (what per-group scales are for)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 192, generator=g) * torch.logspace(-2, 1, 192)[None, :]  # magnitudes vary along K
+    w = w.to(torch.bfloat16)
+    q, scale = quantize_rows(w, fmt, group_size=group_size, chunk_rows=128)
+    groups = 192 // group_size
+    assert q.shape == w.shape and scale.shape == (300, groups) and scale.dtype == torch.float32
+    top = q.float().abs().view(300, groups, group_size).amax(dim=2)
+    assert torch.allclose(top, torch.full_like(top, fmt.qmax))
+    for j in range(groups):  # each group is exactly a per-row quantization of that slice
+        cols = slice(j * group_size, (j + 1) * group_size)
+        q_j, s_j = quantize_rows(w[:, cols], fmt)
+        assert torch.equal(q[:, cols].view(torch.uint8), q_j.view(torch.uint8)) and torch.equal(scale[:, j], s_j)
+    err, small = {}, slice(0, group_size)  # the group of the smallest magnitudes
+    for gs in (None, group_size):
+        qq, ss = quantize_rows(w, fmt, group_size=gs)
+        diff = dequantize_rows(qq, ss, torch.float64)[:, small] - w[:, small].double()
+        err[gs] = (diff.norm() / w[:, small].double().norm()).item()
+    # INT8's uniform grid: a row scale set by the large groups wipes out the small ones. e4m3's grid is relative, so
+    # a group scale only lifts the small group's values out of e4m3's coarser subnormals (a few percent).
+    assert err[group_size] < {"int8": 0.1, "fp8": 0.95}[fmt.name] * err[None], err
+    assert quantized_bytes(300, 192, group_size) == 300 * 192 + 4 * 300 * groups
+
+
+def test_group_size_must_divide_the_hidden_size():
+    w = torch.randn(8, 576, dtype=torch.bfloat16)  # SmolLM2's hidden size: 128 does not divide it
+    with pytest.raises(ValueError, match=r"group_size 128 does not divide the hidden size 576; group sizes that do: "
+                       r"\[16, 32, 64\]"):  # fmt: skip
+        quantize_rows(w, INT8, group_size=128, name="lm_head")
