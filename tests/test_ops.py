@@ -130,3 +130,24 @@ def test_the_head_path_line_names_the_slow_paths(monkeypatch):
     monkeypatch.setattr(weight_only, "HAS_TRITON", False)
     level, line = ops.head_path(torch.device("cuda", 0), torch.int8)
     assert level == logging.WARNING and "Triton is not installed" in line and "H200" in line
+
+
+@FMTS
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_logits_with_group_scales_against_fp64(monkeypatch, fmt, dtype):
+    """Group scales (``[N, K/G]``) on the generic path: each chunk dequantized exactly in fp32, fp32 products."""
+    monkeypatch.setattr(ops, "CHUNK_ROWS", 256)
+    x, w = _inputs(9, 1000, 256, dtype)
+    q, scale = quantize_rows(w, fmt, group_size=32)
+    deq = dequantize_rows(q, scale, torch.float64)
+    out = ops.quantized_logits(x, q, scale, out_dtype=torch.float32)
+    rel = ((out.double() - x.double() @ deq.T).abs() / (x.double().abs() @ deq.abs().T)).max()
+    assert out.shape == (9, 1000) and rel.item() < 256 * 2.0**-24
+    assert ops.bind_kernel(q, scale) is None  # no fused kernel for group scales yet (issue #32)
+
+
+def test_the_head_path_line_warns_for_group_scales_on_a_gpu():
+    import logging
+
+    level, line = ops.head_path(torch.device("cuda", 0), torch.int8, grouped=True)
+    assert level == logging.WARNING and "per-row scales only" in line and "Drop group_size" in line

@@ -31,12 +31,15 @@ def test_body_takes_vllms_online_scheme_names():
         ("float32", "must be a JSON object"),
         (
             {"logit_dtype": "float32"},
-            r"unknown key\(s\) \['logit_dtype'\]; allowed: \['body', 'logits_dtype', 'tied'\]",
+            r"unknown key\(s\) \['logit_dtype'\]; allowed: \['body', 'group_size', 'logits_dtype', 'tied'\]",
         ),
         ({"logits_dtype": "bfloat16"}, r"must be one of \['auto', 'float32', 'model'\]"),
         ({"tied": True}, r"must be one of \['keep', 'quantize'\]"),
         ({"body": "fp8"}, r"body\" must be one of vLLM's online quantization schemes \[.*'fp8_per_channel'.*got 'fp8'"),
         ({"body": ["fp8_per_channel"]}, "online quantization schemes"),
+        ({"group_size": "32"}, r"group_size\" must be a positive integer such as 32 .* got '32'"),
+        ({"group_size": 0}, "must be a positive integer"),
+        ({"group_size": True}, "must be a positive integer"),
     ],
 )
 def test_invalid(raw, match):

@@ -21,6 +21,11 @@ CASES = {
     "int8-tied-quantize": ("int8_lm_head", True, QUANTIZE_TIED),
     "fp32-untied-fp8-body": ("bf16_last_layer_fp32", False, FP8_BODY),
     "int8-untied-fp8-body": ("int8_lm_head", False, FP8_BODY),
+    "int8-g32-tied-quantize": (
+        "int8_lm_head",
+        True,
+        {"additional_config": {"lm_head_quant": {"tied": "quantize", "group_size": 32}}},
+    ),
 }
 
 

@@ -295,8 +295,9 @@ class FP32HeadConfig(_HeadOnlyConfig):
     def _head_method(self, prefix: str, facts: _ModelFacts, *, tied: bool, module: bool = False) -> QuantizeMethodBase:
         if dataclasses.replace(facts.options, body=None) != HeadOptions():  # "body" applies to all three
             raise ValueError(
-                '--additional-config "lm_head_quant" options "logits_dtype" and "tied" apply to fp8_lm_head and '
-                "int8_lm_head only; bf16_last_layer_fp32 always returns float32 logits. Remove them."
+                '--additional-config "lm_head_quant" options "logits_dtype", "tied" and "group_size" apply to '
+                "fp8_lm_head and int8_lm_head only; bf16_last_layer_fp32 keeps the weight as it is and always returns "
+                "float32 logits. Remove them."
             )
         if facts.dtype == torch.float32:
             _log.once(
@@ -344,6 +345,7 @@ class _QuantizedHeadConfig(_HeadOnlyConfig):
             keep_tied=keep,
             retie_if_equal=getattr(facts, "untied_by_checkpoint", False),
             logits_dtype=logits_dtype,
+            group_size=facts.options.group_size,
         )
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_lmhead_quant.quant import dequantize_rows
+
 # Vocab rows converted per step on the generic (non-Triton) path: bounds the transient to
 # CHUNK_ROWS x hidden x 2 bytes (32 MiB at hidden 4096) instead of a full bf16 copy of the head.
 CHUNK_ROWS = 4096
@@ -58,7 +60,7 @@ def quantized_logits(
     accumulation; never a full copy.
     """
     out_dtype = out_dtype or x.dtype
-    if x.is_cuda:
+    if x.is_cuda and scale.dim() == 1:  # the fused kernel takes per-row scales only (group scales: issue #32)
         from vllm_lmhead_quant.kernels import weight_only
 
         try:
@@ -77,7 +79,7 @@ def quantized_logits(
 def bind_kernel(q: torch.Tensor, scale: torch.Tensor):
     """The fused kernel bound to this quantized weight (``weight_only.BoundKernel``), or None where it does not run
     (no GPU, no Triton, no kernel path for the device, a kernel that failed to compile there)."""
-    if not q.is_cuda:
+    if not q.is_cuda or scale.dim() != 1:
         return None
     from vllm_lmhead_quant.kernels import weight_only
 
@@ -86,12 +88,17 @@ def bind_kernel(q: torch.Tensor, scale: torch.Tensor):
 
 def chunked_logits(x, q, scale, bias=None, *, out_dtype: torch.dtype) -> torch.Tensor:
     """The generic path: ``CHUNK_ROWS`` vocab rows at a time converted to the activation dtype (exact) and multiplied
-    with fp32 accumulation. Any device; never a full copy of the head."""
+    with fp32 accumulation, the per-row scale applied to the fp32 result. Group scales (``scale [N, K/G]``) cannot
+    be pulled out of the sum: their chunk is dequantized in fp32 (exact) and multiplied in fp32. Any device; never a
+    full copy of the head."""
     flat = x.reshape(-1, x.shape[-1])
     out = torch.empty(flat.shape[0], q.shape[0], dtype=out_dtype, device=x.device)
     for start in range(0, q.shape[0], CHUNK_ROWS):
         stop = min(start + CHUNK_ROWS, q.shape[0])
-        part = _mm_fp32(flat, q[start:stop].to(flat.dtype)) * scale[start:stop]
+        if scale.dim() == 2:
+            part = F.linear(flat.float(), dequantize_rows(q[start:stop], scale[start:stop]))
+        else:
+            part = _mm_fp32(flat, q[start:stop].to(flat.dtype)) * scale[start:stop]
         if bias is not None:
             part = part + bias[start:stop].to(torch.float32)
         out[:, start:stop] = part
@@ -113,12 +120,20 @@ GENERIC_COST = {
 }
 
 
-def head_path(device: torch.device, q_dtype: torch.dtype) -> tuple[int, str]:
+def head_path(device: torch.device, q_dtype: torch.dtype, grouped: bool = False) -> tuple[int, str]:
     """(log level, one line): how a quantized head on ``device`` runs, and what it costs where that is slower than
-    the bf16 head. Said once per engine at start-up, so a slow path is never silent."""
+    the bf16 head. Said once per engine at start-up, so a slow path is never silent. ``grouped``: group scales,
+    which only the generic path takes so far."""
     import logging
 
     from vllm_lmhead_quant.kernels import device as kdevice
+
+    if grouped and device.type == "cuda":
+        return logging.WARNING, (
+            f"group_size: the fused kernel takes per-row scales only (issue #32), so the head converts "
+            f"{CHUNK_ROWS}-row chunks of the weight to float32 per call, slower than {GENERIC_COST['cuda']}. Drop "
+            "group_size for the fast path"
+        )
 
     # The generic path's GEMM per chunk is vLLM's fp32 GEMM of the device (upcast on CPU, mm out_dtype on GPUs
     # without a kernel path): its rows depend on the batch size on CPU, and nobody measured it on those GPUs.

@@ -29,6 +29,9 @@ _CHOICES = {
 # All three methods: the name of one of vLLM's online quantization schemes (or None: the body stays unquantized).
 # Its choices are vLLM's own (``_compat.online_quant_shorthands``), so they are read when the key is used.
 BODY = "body"
+# Quantized heads only: one scale per this many weights of a row along the hidden size (None: one per row). Checked
+# against the hidden size when the head is quantized (quant.check_group_size names the sizes that divide it).
+GROUP_SIZE = "group_size"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class HeadOptions:
     logits_dtype: str = "auto"
     tied: str = "keep"
     body: str | None = None
+    group_size: int | None = None
 
     @classmethod
     def from_additional_config(cls, extra: dict) -> HeadOptions:
@@ -45,14 +49,19 @@ class HeadOptions:
                 f'--additional-config "{KEY}" must be a JSON object such as '
                 f'{{"{KEY}": {{"logits_dtype": "float32"}}}}, got {raw!r}'
             )
-        unknown = sorted(set(raw) - {*_CHOICES, BODY})
+        allowed = {*_CHOICES, BODY, GROUP_SIZE}
+        unknown = sorted(set(raw) - allowed)
         if unknown:
-            raise ValueError(
-                f'--additional-config "{KEY}": unknown key(s) {unknown}; allowed: {sorted({*_CHOICES, BODY})}'
-            )
+            raise ValueError(f'--additional-config "{KEY}": unknown key(s) {unknown}; allowed: {sorted(allowed)}')
         for key, value in raw.items():
             if key == BODY:
                 _check_body(value)
+            elif key == GROUP_SIZE:
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                    raise ValueError(
+                        f'--additional-config "{KEY}.{GROUP_SIZE}" must be a positive integer such as 32 (one scale '
+                        f"per 32 weights of a row) or null (one per row), got {value!r}"
+                    )
             elif value not in _CHOICES[key]:
                 raise ValueError(
                     f'--additional-config "{KEY}.{key}" must be one of {list(_CHOICES[key])}, got {value!r}'

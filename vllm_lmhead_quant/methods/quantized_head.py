@@ -1,5 +1,6 @@
 """``fp8_lm_head`` and ``int8_lm_head``: a one-byte head weight (FP8 e4m3 or symmetric INT8, ``quant.py``) with one
-fp32 scale per vocab row, weight-only maths. One method class for both formats: only the format differs.
+fp32 scale per vocab row (or per ``group_size`` weights of a row), weight-only maths. One method class for both
+formats: only the format differs.
 
 Lifecycle (vLLM's online-quantization pattern, cf. ``fp8.py``): ``create_weights`` allocates the same bf16
 ``[V_pad/tp, H]`` parameter and loader as the unquantized head, so checkpoints, vocab padding and TP sharding
@@ -50,8 +51,10 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         keep_tied: bool = False,
         retie_if_equal: bool = False,
         logits_dtype: torch.dtype | None = None,
+        group_size: int | None = None,
     ):
         super().__init__()
+        self.group_size = group_size
         self.prefix = prefix
         self.architecture = architecture
         self.fmt = fmt
@@ -83,7 +86,9 @@ class QuantizedHeadMethod(QuantizeMethodBase):
             layer.quant_method = TiedBF16HeadMethod(self.prefix, self.architecture, method_name=self.method_name)
             layer.quant_method.process_weights_after_loading(layer)
             return
-        q, scale = quantize_rows(weight.data, self.fmt, name=f"{self.architecture} '{self.prefix}'")
+        q, scale = quantize_rows(
+            weight.data, self.fmt, group_size=self.group_size, name=f"{self.architecture} '{self.prefix}'"
+        )
         before = weight.numel() * weight.element_size()
         layer.orig_dtype = weight.dtype
         direct = _compat.direct_reload_enabled()
@@ -92,12 +97,14 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         else:
             new_weight = Parameter(q, requires_grad=False)
             new_weight.input_dim, new_weight.output_dim = 1, 0
-            new_weight.weight_loader = _RequantizingLoader(layer, weight.weight_loader, self.prefix, self.fmt)
+            new_weight.weight_loader = _RequantizingLoader(
+                layer, weight.weight_loader, self.prefix, self.fmt, self.group_size
+            )
             new_scale = Parameter(scale, requires_grad=False)
             for module in pair or (layer,):  # replaces the registered Parameter(s): the bf16 one is then unreferenced
                 module.weight, module.weight_scale, module.orig_dtype = new_weight, new_scale, layer.orig_dtype
         del weight
-        after = quantized_bytes(*q.shape)
+        after = quantized_bytes(*q.shape, self.group_size)
         dtype = str(layer.orig_dtype).removeprefix("torch.")
         if direct:
             memory = (
@@ -121,7 +128,7 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         _log.once(
             logging.WARNING if direct else logging.INFO,  # direct reload: the saving is lost, say it louder
             ("quantized", id(layer)),
-            "%s: %s '%s' -> %s (weight %s %s -> %s + per-row fp32 scales%s, logits %s): %s",
+            "%s: %s '%s' -> %s (weight %s %s -> %s + %s%s, logits %s): %s",
             self.architecture,
             type(layer).__name__,
             self.prefix,
@@ -129,11 +136,12 @@ class QuantizedHeadMethod(QuantizeMethodBase):
             tuple(q.shape),
             dtype,
             str(q.dtype).removeprefix("torch."),
+            _scales_text(self.group_size),
             "; shared with the input embeddings" if shared else "",
             str(self.logits_dtype or layer.orig_dtype).removeprefix("torch."),
             memory,
         )
-        level, line = ops.head_path(q.device, q.dtype)
+        level, line = ops.head_path(q.device, q.dtype, grouped=self.group_size is not None)
         _log.once(level, ("head_path", str(q.device), self.fmt.name), "%s on %s: %s", self.method_name, q.device, line)
 
     def _keep_for_direct_reload(self, layer: torch.nn.Module, pair, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -148,7 +156,7 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         weight = layer.weight
         loader = weight.weight_loader
         if not isinstance(loader, _RequantizingLoader):
-            weight.weight_loader = _RequantizingLoader(layer, loader, self.prefix, self.fmt)
+            weight.weight_loader = _RequantizingLoader(layer, loader, self.prefix, self.fmt, self.group_size)
         old = getattr(layer, "weight_scale", None)
         if isinstance(old, torch.Tensor) and (old.shape, old.device) == (scale.shape, scale.device):
             old.data.copy_(scale)  # same address: anything that captured the scales sees the new ones
@@ -167,13 +175,16 @@ class QuantizedHeadMethod(QuantizeMethodBase):
             module.orig_dtype = layer.orig_dtype
         if not isinstance(getattr(weight, "weight_loader", None), _RequantizingLoader):
             weight.input_dim, weight.output_dim = 1, 0
-            weight.weight_loader = _RequantizingLoader(layer, layer.weight_loader, self.prefix, self.fmt)
+            weight.weight_loader = _RequantizingLoader(
+                layer, layer.weight_loader, self.prefix, self.fmt, self.group_size
+            )
         _log.once(
             logging.INFO,
             ("adopted", id(weight)),  # once per table: a shared one reaches this step through both of its modules
-            "%s: %s '%s' -> %s (weight %s %s + per-row fp32 scales from the weight cache, logits %s)",
+            "%s: %s '%s' -> %s (weight %s %s + %s from the weight cache, logits %s)",
             self.architecture, type(layer).__name__, self.prefix, self.method_name, tuple(weight.shape),
-            str(weight.dtype).removeprefix("torch."), str(self.logits_dtype or layer.orig_dtype).removeprefix("torch."),
+            str(weight.dtype).removeprefix("torch."), _scales_text(self.group_size),
+            str(self.logits_dtype or layer.orig_dtype).removeprefix("torch."),
         )  # fmt: skip
 
     def _retie_copy(self, layer: torch.nn.Module, weight: Parameter) -> Parameter:
@@ -244,6 +255,11 @@ class QuantizedHeadMethod(QuantizeMethodBase):
         return layer
 
 
+def _scales_text(group_size: int | None) -> str:
+    """How the start-up lines name the scales."""
+    return "per-row fp32 scales" if group_size is None else f"fp32 scales per {group_size} weights"
+
+
 # Transient memory one chunk of a weight update may use. vLLM gave the rest of the GPU to the KV cache, so an update
 # must not need a full-size copy of the head (1.16 GiB in bf16 at 151936 x 4096). Per weight of a chunk: the rows in
 # the model dtype, their fp32 copy, a |w| temporary, the finiteness mask and the one-byte result, ~18 bytes as
@@ -262,8 +278,17 @@ class _RequantizingLoader:
     into the one-byte tensor with no scale: silently wrong logits after the first update (the stale/derived-weight
     bug class of prime-rl #2438 and PipelineRL)."""
 
-    def __init__(self, layer: torch.nn.Module, loader, name: str, fmt: Format, chunk_bytes: int = UPDATE_CHUNK_BYTES):
+    def __init__(
+        self,
+        layer: torch.nn.Module,
+        loader,
+        name: str,
+        fmt: Format,
+        group_size: int | None = None,
+        chunk_bytes: int = UPDATE_CHUNK_BYTES,
+    ):
         self.layer, self.loader, self.name, self.fmt, self.chunk_bytes = layer, loader, name, fmt, chunk_bytes
+        self.group_size = group_size
 
     def __call__(self, param: Parameter, loaded_weight: torch.Tensor, *args, **kwargs) -> None:
         if param.dtype != self.fmt.dtype:
@@ -287,7 +312,7 @@ class _RequantizingLoader:
             if r0 < size:  # rows past this rank's share of the vocabulary are padding: zeros, as vLLM writes them
                 n = min(r1, size) - r0
                 part[:n].copy_(loaded_weight[start + r0 : start + r0 + n])
-            q, scale = quantize_rows(part, self.fmt, name=what, chunk_rows=step)
+            q, scale = quantize_rows(part, self.fmt, group_size=self.group_size, name=what, chunk_rows=step)
             param.data[r0:r1].copy_(q)
             self.layer.weight_scale.data[r0:r1].copy_(scale)
 
@@ -309,6 +334,8 @@ class _RequantizingLoader:
         staging = Parameter(torch.empty(param.shape, dtype=layer.orig_dtype, device=param.device), requires_grad=False)
         staging.input_dim, staging.output_dim = 1, 0
         self.loader(staging, loaded_weight, *args, **kwargs)
-        q, scale = quantize_rows(staging.data, self.fmt, name=f"weight update of '{self.name}'")
+        q, scale = quantize_rows(
+            staging.data, self.fmt, group_size=self.group_size, name=f"weight update of '{self.name}'"
+        )
         param.data.copy_(q)
         layer.weight_scale.data.copy_(scale)
