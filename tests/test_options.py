@@ -45,3 +45,16 @@ def test_body_takes_vllms_online_scheme_names():
 def test_invalid(raw, match):
     with pytest.raises(ValueError, match=match):
         HeadOptions.from_additional_config({"lm_head_quant": raw})
+
+
+def test_parity_merges_the_users_head_options_into_each_head():
+    """``parity --engine-args '{"additional_config": {"lm_head_quant": {"group_size": 32}}}'`` reaches the quantized
+    heads next to their own ``tied: quantize`` (it was replaced by it, silently)."""
+    from vllm_lmhead_quant.parity import head_engine_args
+
+    user = {"additional_config": {"lm_head_quant": {"group_size": 32}}, "max_model_len": 512}
+    int8 = head_engine_args("int8", user)
+    assert int8["quantization"] == "int8_lm_head" and int8["max_model_len"] == 512
+    assert int8["additional_config"] == {"lm_head_quant": {"tied": "quantize", "group_size": 32}}
+    assert head_engine_args("int8", {})["additional_config"] == {"lm_head_quant": {"tied": "quantize"}}
+    assert head_engine_args("bf16", user) == user

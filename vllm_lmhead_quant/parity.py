@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_lmhead_quant._quiet import default_log, vllm_log
+from vllm_lmhead_quant.options import KEY
 
 QUANTIZE_TIED = {"tied": "quantize"}
 HEADS = {
@@ -188,6 +189,19 @@ class HeadResult:
     abs_deltas: list = field(default_factory=list, repr=False)
 
 
+def head_engine_args(name: str, engine_args: dict) -> dict:
+    """``LLM(...)`` kwargs of head ``name``: the user's ``--engine-args`` with the head's own on top, except that the
+    user's ``lm_head_quant`` options (``group_size``, ``tied``...) are merged into the head's, not replaced by them."""
+    head = HEADS[name]
+    kwargs = {**engine_args, **head}
+    user = engine_args.get("additional_config", {}).get(KEY, {})
+    if user and "additional_config" in head:
+        extra = {**engine_args.get("additional_config", {}), **head["additional_config"]}
+        extra[KEY] = {**head["additional_config"].get(KEY, {}), **user}
+        kwargs["additional_config"] = extra
+    return kwargs
+
+
 def run_head(name, model, chunks, greedy_prompts, greedy_tokens, ref, engine_args) -> tuple[HeadResult, list, list]:
     """One engine with head ``name``: scores every chunk and decodes the greedy prompts. ``ref``: (hidden states per
     chunk, weight) of the unflagged engine, or None if this is that engine."""
@@ -197,7 +211,7 @@ def run_head(name, model, chunks, greedy_prompts, greedy_tokens, ref, engine_arg
 
     from vllm_lmhead_quant.trainer import logprob_mismatch
 
-    kwargs = {**engine_args, **HEADS[name]}
+    kwargs = head_engine_args(name, engine_args)
     res = HeadResult(name, HEADS[name])
     t0 = time.monotonic()
     llm = LLM(model=str(model), **kwargs)
