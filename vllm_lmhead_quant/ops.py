@@ -131,8 +131,8 @@ def head_path(device: torch.device, q_dtype: torch.dtype, grouped: bool = False)
     if grouped and device.type == "cuda":
         return logging.WARNING, (
             f"group_size: the fused kernel takes per-row scales only (issue #32), so the head converts "
-            f"{CHUNK_ROWS}-row chunks of the weight to float32 per call, slower than {GENERIC_COST['cuda']}. Drop "
-            "group_size for the fast path"
+            f"{CHUNK_ROWS}-row chunks of the weight to float32 per call: the generic path, measured with per-row "
+            f"scales at {GENERIC_COST['cuda']}, plus an fp32 GEMM (not measured). Drop group_size for the fast path"
         )
 
     # The generic path's GEMM per chunk is vLLM's fp32 GEMM of the device (upcast on CPU, mm out_dtype on GPUs
