@@ -38,6 +38,9 @@ VARIANTS = (
     "fp8_fp32_out",
     "int8_bf16_out",
     "int8_fp32_out",
+    "int8_g32_bf16_out",
+    "int8_g32_fp32_out",
+    "int8_g128_fp32_out",
 )
 # Variants computed from a quantized weight, and which: their "own" accuracy reference is that weight.
 QUANTIZED_VARIANTS = {
@@ -48,7 +51,11 @@ QUANTIZED_VARIANTS = {
     "fp8_fp32_out": "fp8",
     "int8_bf16_out": "int8",
     "int8_fp32_out": "int8",
+    "int8_g32_bf16_out": "int8-g32",
+    "int8_g32_fp32_out": "int8-g32",
+    "int8_g128_fp32_out": "int8-g128",
 }
+GROUPED = {"int8-g32": 32, "int8-g128": 128}  # fp16 group scales (quant.quantize_rows group_size)
 
 
 def _import_kernel():
@@ -203,6 +210,8 @@ def make_variants(torch, wo, x, w, quants, path=None):
     from_fp8 = torch.bfloat16
     q, scale = quants["fp8"]
     q8, scale8 = quants["int8"]
+    q32, g32 = quants["int8-g32"]
+    q128, g128 = quants["int8-g128"]
 
     def w8a8():
         # Per-token dynamic activation quant (a w8a8 head must do it every call) + row-wise _scaled_mm.
@@ -221,14 +230,18 @@ def make_variants(torch, wo, x, w, quants, path=None):
         "fp8_fp32_out": lambda: wo.weight_only_mm(x, q, scale, torch.float32, path=path),
         "int8_bf16_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.bfloat16, path=path),
         "int8_fp32_out": lambda: wo.weight_only_mm(x, q8, scale8, torch.float32, path=path),
+        "int8_g32_bf16_out": lambda: wo.weight_only_mm(x, q32, g32, torch.bfloat16, path=path),
+        "int8_g32_fp32_out": lambda: wo.weight_only_mm(x, q32, g32, torch.float32, path=path),
+        "int8_g128_fp32_out": lambda: wo.weight_only_mm(x, q128, g128, torch.float32, path=path),
     }
 
 
 def make_weights(torch, quant, v, h):
-    """bf16 weight and its quantized forms, ``{format name: (q, scale)}``."""
+    """bf16 weight and its quantized forms, ``{format name: (q, scale)}`` (per row, and INT8 with group scales)."""
     g = torch.Generator(device="cuda").manual_seed(v + h)
     w = (torch.randn(v, h, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
-    return w, {name: quant.quantize_rows(w, fmt) for name, fmt in quant.FORMATS.items()}
+    quants = {name: quant.quantize_rows(w, fmt) for name, fmt in quant.FORMATS.items()}
+    return w, quants | {name: quant.quantize_rows(w, quant.INT8, group_size=gs) for name, gs in GROUPED.items()}
 
 
 def run_bench(args, torch, quant, wo) -> dict:
@@ -274,7 +287,9 @@ def accuracy(torch, wo, w, quants, m) -> dict:
     h = w.shape[1]
     x = torch.randn(m, h, device="cuda", dtype=torch.bfloat16)
     ref_bf16 = x.double() @ w.double().T
-    refs = {name: (x.double() @ q.double().T) * s.double() for name, (q, s) in quants.items()}
+    from vllm_lmhead_quant.quant import dequantize_rows
+
+    refs = {name: x.double() @ dequantize_rows(q, s, torch.float64).T for name, (q, s) in quants.items()}
     out = {"V": w.shape[0], "H": h, "M": m, "ref_rms": ref_bf16.pow(2).mean().sqrt().item(), "variants": {}}
     for name, fn in make_variants(torch, wo, x, w, quants).items():
         try:

@@ -299,6 +299,7 @@ def main() -> None:
     ap.add_argument("--models", default="/tmp/lmhq-models")
     ap.add_argument("--only", help="comma-separated model names (default: all of the part)")
     ap.add_argument("--heads", default="bf16,oracle,fp32,fp8,int8", help="heads, in this order (graphs part)")
+    ap.add_argument("--graphs", action="store_true", help="eager part: the same accuracy runs with CUDA graphs on")
     ap.add_argument("--profile", action="store_true", help="graphs part: also profile a short decode at --batch")
     ap.add_argument("--batch", type=int, default=64, help="graphs part: the large decode batch (besides 1)")
     ap.add_argument("--repeats", type=int, default=5, help="graphs part: timed decodes per batch size")
@@ -333,7 +334,7 @@ def main() -> None:
             plan = {k: v for k, v in plan.items() if k in args.only.split(",")}
         for name, variants in plan.items():
             path = build(name, args.models)
-            runs = {v: isolated("accuracy", path, True, kw) for v, kw in variants.items()}
+            runs = {v: isolated("accuracy", path, not args.graphs, kw) for v, kw in variants.items()}
             summary = {}
             for v, r in runs.items():
                 keep = ("kv_tokens", "model_load_gib", "head", "start_s")
@@ -364,7 +365,9 @@ def main() -> None:
                 print(name, key, json.dumps(entry[key]), flush=True)
                 with open(out_json, "w") as f:
                     json.dump(report, f, indent=1)
-    with open(os.path.join(args.out, f"gpu_e2e_{args.part}.json"), "w") as f:
+    report["cuda_graphs"] = args.part == "graphs" or args.graphs
+    name = f"gpu_e2e_{args.part}{'_graphs' if args.graphs and args.part == 'eager' else ''}.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(report, f, indent=1)
 
 

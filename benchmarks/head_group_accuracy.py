@@ -63,6 +63,7 @@ GROUPS = (32, 64, 128)
 SCALE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BYTES_BAR = 0.53  # at most this fraction of the bf16 head's bytes
 OFF_GRID_SIGMA = 0.02
+ONLY: set[str] = set()  # --variants
 POSITIONS_PER_STEP = 512  # positions per logits chunk: a [512, 151936] fp64 tensor is 0.6 GB
 
 
@@ -107,7 +108,36 @@ def head_variants(w: torch.Tensor) -> dict:
             out[f"int8-g{group}-{sname}"] = (deq, torch.float32, nbytes / bf16_bytes)
     deq, groups = quantize_groups(w, 128, FP8.qmax, torch.float32, fp8=True)
     out["fp8-g128-fp32"] = (deq, torch.float32, (v * h + v * groups * 4) / bf16_bytes)
+    # What ships (quant.quantize_rows, fp16 group scales), dequantized exactly (the generic path), and the weight the
+    # fused GPU kernel multiplies: each product q * scale rounded once to fp16 (weight_only._group_scaled).
+    q, s = quantize_rows(w, INT8, group_size=32)
+    nbytes = (v * h + 2 * v * (h // 32)) / bf16_bytes
+    out["int8-g32-shipped"] = (dequantize_rows(q, s), torch.float32, nbytes)
+    out["int8-g32-kernel"] = ((q.half().view(v, -1, 32) * s[:, :, None]).view(v, h).float(), torch.float32, nbytes)
+    for group in (32, 64):  # two-level: fp32 per row times an e4m3 per group, rounded up (no clamping)
+        deq, groups = quantize_two_level(w, group)
+        out[f"int8-g{group}-e4m3xrow"] = (deq, torch.float32, (v * h + v * groups + 4 * v) / bf16_bytes)
     return out
+
+
+def quantize_two_level(w: torch.Tensor, group: int):
+    """INT8 with scale ``row[n] * e4m3[n, g]``: ``row`` puts the row's largest group scale at e4m3's top (448), each
+    group's factor is rounded *up* to e4m3 so no weight clips; ``q * e4m3`` is exact in fp16 (7 + 4 bits)."""
+    v, h = w.shape
+    groups = h // group
+    out = torch.empty(v, h, dtype=torch.float32)
+    for r in range(0, v, 16384):
+        part = w[r : r + 16384].float().view(-1, groups, group)
+        sg = (part.abs().amax(-1) / 127).clamp_min(1e-30)  # [rows, groups]
+        row = sg.amax(-1, keepdim=True) / 448
+        ratio = sg / row
+        f8 = ratio.to(torch.float8_e4m3fn)
+        low = f8.float() < ratio
+        f8 = torch.where(low, (f8.view(torch.uint8) + 1).view(torch.float8_e4m3fn), f8)  # next e4m3 up
+        scale = f8.float() * row
+        q = (part / scale[:, :, None]).round_().clamp_(-127, 127)
+        out[r : r + 16384] = (q * scale[:, :, None]).view(-1, h)
+    return out, groups
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,6 +230,8 @@ def score(hidden: torch.Tensor, targets: torch.Tensor, w: torch.Tensor) -> dict:
     page faults than arithmetic on 2 cores. KL(ref || head) per position is ``lse_head - lse_ref - sum p_ref (head -
     ref)`` (the log-softmax written out), in fp64."""
     variants = head_variants(w)
+    if ONLY:
+        variants = {k: v for k, v in variants.items() if k in ONLY}
     wd = w.double()
     acc = {k: {"kl": [], "flips": [], "sq": 0.0, "max": 0.0, "sq_true": 0.0, "max_true": 0.0, "nll": 0.0}
            for k in variants}  # fmt: skip
@@ -314,7 +346,9 @@ def main() -> None:
     ap.add_argument("--chunk-len", type=int, default=512)
     ap.add_argument("--cache", default=None, help="directory to keep hidden states and head weights for reruns")
     ap.add_argument("--json", default=str(ROOT / "docs" / "results" / "head_group_accuracy.json"))
+    ap.add_argument("--variants", default="", help="comma-separated head names to score (default: all)")
     args = ap.parse_args()
+    ONLY.update(filter(None, args.variants.split(",")))
     t_start = time.monotonic()
     results = {}
     for name in args.models.split(","):

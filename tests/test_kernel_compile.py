@@ -40,7 +40,9 @@ def test_each_target_compiles_its_table_and_fits(report, target):
     mine = [r for r in report if r["target"] == target]
     own = offline.path_for(offline.TARGETS[target]).table
     assert {r["table"] for r in mine} >= {own.source}
-    assert len([r for r in mine if r["table"] == own.source]) == sum(len(rows) for rows in own.rows.values())
+    plain = [r for r in mine if r["table"] == own.source and not r["group"]]
+    assert len(plain) == sum(len(rows) for rows in own.rows.values())
+    assert len([r for r in mine if r["table"] == own.source and r["group"] == 32]) == len(own.rows["int8"])
     for r in mine:
         assert "error" not in r, r
         assert 0 < r["smem"] <= r["budget"], f"{target} {r['table']} {r['format']} {r['config']}: {r['smem']} B"
@@ -65,3 +67,14 @@ def test_the_portable_e4m3_decoder_equals_torch_on_all_256_bytes():
 def test_the_venv_keeps_triton_away_from_vllm():
     """vLLM's CPU engine must not see Triton (tools/bootstrap.sh overrides it out of .venv)."""
     assert subprocess.run([sys.executable, "-c", "import triton"], capture_output=True).returncode != 0
+
+
+def test_group_scales_in_the_kernel_against_fp64():
+    """The pointer kernel with fp16 group scales (G = 16..128, below and above BLOCK_K, a K tail, both operand
+    orders), run by Triton's interpreter on CPU: equal to fp64 sums of the fp16 products ``fp16(q * scale)`` up to
+    fp32 accumulation. Bitwise checks against the per-row kernel on the same fp16 weight run on the GPU host
+    (tests/test_kernel_cuda.py::test_group_scales_are_bitwise_the_fp16_weight)."""
+    rows = _offline("--groups", TRITON_INTERPRET="1")
+    assert len(rows) == 4 and {r["group"] for r in rows} == {16, 32, 64, 128}
+    for r in rows:
+        assert r["rel"] < 2.0**-22, r

@@ -127,6 +127,10 @@ def test_the_head_path_line_names_the_slow_paths(monkeypatch):
         monkeypatch.setattr(device, "facts", lambda index, g=gpu: facts[g])
         level, line = ops.head_path(torch.device("cuda", 0), q_dtype)
         assert level == expected_level and words in line, (gpu, line)
+    monkeypatch.setattr(device, "device_path", lambda index: device.path_for(facts["H100"]))
+    level, line = ops.head_path(torch.device("cuda", 0), torch.int8, 32)  # the kernel takes group scales too
+    assert level == logging.INFO and line.endswith("fp16 scales per 32 weights, applied to each weight tile in fp16 "
+                                                   "before the MMA")  # fmt: skip
     monkeypatch.setattr(weight_only, "HAS_TRITON", False)
     level, line = ops.head_path(torch.device("cuda", 0), torch.int8)
     assert level == logging.WARNING and "Triton is not installed" in line and "H200" in line
@@ -143,11 +147,6 @@ def test_quantized_logits_with_group_scales_against_fp64(monkeypatch, fmt, dtype
     out = ops.quantized_logits(x, q, scale, out_dtype=torch.float32)
     rel = ((out.double() - x.double() @ deq.T).abs() / (x.double().abs() @ deq.abs().T)).max()
     assert out.shape == (9, 1000) and rel.item() < 256 * 2.0**-24
-    assert ops.bind_kernel(q, scale) is None  # no fused kernel for group scales yet (issue #32)
+    assert scale.dtype == torch.float16 and scale.shape == (1000, 256 // 32)
+    assert ops.bind_kernel(q, scale) is None  # no GPU here: the fused kernel (tests/test_kernel_cuda.py) needs one
 
-
-def test_the_head_path_line_warns_for_group_scales_on_a_gpu():
-    import logging
-
-    level, line = ops.head_path(torch.device("cuda", 0), torch.int8, grouped=True)
-    assert level == logging.WARNING and "per-row scales only" in line and "Drop group_size" in line

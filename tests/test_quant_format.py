@@ -110,13 +110,16 @@ def test_per_group_scales(fmt, group_size):
     w = w.to(torch.bfloat16)
     q, scale = quantize_rows(w, fmt, group_size=group_size, chunk_rows=128)
     groups = 192 // group_size
-    assert q.shape == w.shape and scale.shape == (300, groups) and scale.dtype == torch.float32
+    assert q.shape == w.shape and scale.shape == (300, groups) and scale.dtype == torch.float16
     top = q.float().abs().view(300, groups, group_size).amax(dim=2)
-    assert torch.allclose(top, torch.full_like(top, fmt.qmax))
-    for j in range(groups):  # each group is exactly a per-row quantization of that slice
+    assert torch.equal(top, torch.full_like(top, fmt.qmax))  # fp16's rounding of the scale (2^-11) keeps the top
+    for j in range(groups):  # each group is a per-row quantization of that slice with its scale rounded to fp16
         cols = slice(j * group_size, (j + 1) * group_size)
-        q_j, s_j = quantize_rows(w[:, cols], fmt)
-        assert torch.equal(q[:, cols].view(torch.uint8), q_j.view(torch.uint8)) and torch.equal(scale[:, j], s_j)
+        _, s_j = quantize_rows(w[:, cols], fmt)
+        assert torch.equal(scale[:, j], s_j.to(torch.float16))
+        q_j = (w[:, cols].float() / scale[:, j].float()[:, None]).clamp(-fmt.qmax, fmt.qmax)
+        q_j = (q_j.round() if fmt.dtype == torch.int8 else q_j).to(fmt.dtype)
+        assert torch.equal(q[:, cols].view(torch.uint8), q_j.view(torch.uint8))
     err, small = {}, slice(0, group_size)  # the group of the smallest magnitudes
     for gs in (None, group_size):
         qq, ss = quantize_rows(w, fmt, group_size=gs)
@@ -125,11 +128,13 @@ def test_per_group_scales(fmt, group_size):
     # INT8's uniform grid: a row scale set by the large groups wipes out the small ones. e4m3's grid is relative, so
     # a group scale only lifts the small group's values out of e4m3's coarser subnormals (a few percent).
     assert err[group_size] < {"int8": 0.1, "fp8": 0.95}[fmt.name] * err[None], err
-    assert quantized_bytes(300, 192, group_size) == 300 * 192 + 4 * 300 * groups
+    assert quantized_bytes(300, 192, group_size) == 300 * 192 + 2 * 300 * groups  # fp16 group scales
 
 
 def test_group_size_must_divide_the_hidden_size():
     w = torch.randn(8, 576, dtype=torch.bfloat16)  # SmolLM2's hidden size: 128 does not divide it
-    with pytest.raises(ValueError, match=r"group_size 128 does not divide the hidden size 576; group sizes that do: "
-                       r"\[16, 32, 64\]"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"group_size 128 is not a power of two from 16 that divides the hidden size "
+                       r"576 .*; group sizes that work: \[16, 32, 64\]"):  # fmt: skip
         quantize_rows(w, INT8, group_size=128, name="lm_head")
+    with pytest.raises(ValueError, match=r"group_size 48 is not a power of two"):  # divides 576, but no tile holds it
+        quantize_rows(w, INT8, group_size=48, name="lm_head")

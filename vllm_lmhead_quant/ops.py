@@ -60,7 +60,7 @@ def quantized_logits(
     accumulation; never a full copy.
     """
     out_dtype = out_dtype or x.dtype
-    if x.is_cuda and scale.dim() == 1:  # the fused kernel takes per-row scales only (group scales: issue #32)
+    if x.is_cuda:
         from vllm_lmhead_quant.kernels import weight_only
 
         try:
@@ -79,7 +79,7 @@ def quantized_logits(
 def bind_kernel(q: torch.Tensor, scale: torch.Tensor):
     """The fused kernel bound to this quantized weight (``weight_only.BoundKernel``), or None where it does not run
     (no GPU, no Triton, no kernel path for the device, a kernel that failed to compile there)."""
-    if not q.is_cuda or scale.dim() != 1:
+    if not q.is_cuda:
         return None
     from vllm_lmhead_quant.kernels import weight_only
 
@@ -120,20 +120,13 @@ GENERIC_COST = {
 }
 
 
-def head_path(device: torch.device, q_dtype: torch.dtype, grouped: bool = False) -> tuple[int, str]:
+def head_path(device: torch.device, q_dtype: torch.dtype, group_size: int | None = None) -> tuple[int, str]:
     """(log level, one line): how a quantized head on ``device`` runs, and what it costs where that is slower than
-    the bf16 head. Said once per engine at start-up, so a slow path is never silent. ``grouped``: group scales,
-    which only the generic path takes so far."""
+    the bf16 head. Said once per engine at start-up, so a slow path is never silent. ``group_size``: group scales,
+    which the fused kernel applies to each weight tile before the MMA."""
     import logging
 
     from vllm_lmhead_quant.kernels import device as kdevice
-
-    if grouped and device.type == "cuda":
-        return logging.WARNING, (
-            f"group_size: the fused kernel takes per-row scales only (issue #32), so the head converts "
-            f"{CHUNK_ROWS}-row chunks of the weight to float32 per call: the generic path, measured with per-row "
-            f"scales at {GENERIC_COST['cuda']}, plus an fp32 GEMM (not measured). Drop group_size for the fast path"
-        )
 
     # The generic path's GEMM per chunk is vLLM's fp32 GEMM of the device (upcast on CPU, mm out_dtype on GPUs
     # without a kernel path): its rows depend on the batch size on CPU, and nobody measured it on those GPUs.
@@ -155,6 +148,8 @@ def head_path(device: torch.device, q_dtype: torch.dtype, grouped: bool = False)
             f"{GENERIC_COST['cuda']}. Use bf16_last_layer_fp32 or no flag there unless memory is what you need{bi}"
         )
     line = f"fused weight-only kernel, {path.describe(weight_only._FORMAT_OF.get(q_dtype))}"
+    if group_size:
+        line += f"; fp16 scales per {group_size} weights, applied to each weight tile in fp16 before the MMA"
     if q_dtype == torch.float8_e4m3fn and not path.fp8_convert:
         return logging.WARNING, f"{line}. {FP8_BITS_COST}"
     return logging.INFO, line

@@ -48,9 +48,9 @@ def path_for(target: Target, table: tables.Table | None = None) -> device.Kernel
 
 
 def compile_config(cfg: tables.KernelConfig, fmt: str, target: Target, path: device.KernelPath | None = None,
-                   act: str = "bf16", out: str = "fp32"):  # fmt: skip
+                   act: str = "bf16", out: str = "fp32", group: int = 0):  # fmt: skip
     """The compiled kernel (``.metadata.shared``, ``.asm``) that a launch of ``cfg`` would run on ``target``
-    (through ``path``, by default the one that target's facts give)."""
+    (through ``path``, by default the one that target's facts give); ``group``: fp16 group scales of that size."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -58,7 +58,7 @@ def compile_config(cfg: tables.KernelConfig, fmt: str, target: Target, path: dev
     path = path or path_for(target)
     q = "fp8-bits" if fmt == "fp8" and not path.fp8_convert else fmt
     a, w, y = _TRITON[act], _TRITON[q], _TRITON[out]
-    token_scale = (cfg.fp16_math or q == "fp8-bits") and act == "bf16"  # as weight_only._run decides
+    token_scale = (cfg.fp16_math or q == "fp8-bits" or group > 0) and act == "bf16"  # as weight_only._plan decides
     if token_scale:
         a = "fp16"
     consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SWAP_AB": cfg.swap_ab}
@@ -67,18 +67,20 @@ def compile_config(cfg: tables.KernelConfig, fmt: str, target: Target, path: dev
         sig = {
             "x_desc": f"tensordesc<{a}[{cfg.block_m}, {cfg.block_k}]>",
             "q_desc": f"tensordesc<{w}[{cfg.block_n}, {cfg.block_k}]>",
-            "s_ptr": "*fp32", "t_ptr": "*fp32", "y_ptr": f"*{y}",
-            "M": "i32", "N": "i32", "stride_ym": "i32", "K": "i32",
+            "s_ptr": "*fp32", "t_ptr": "*fp32", "g_ptr": "*fp16", "y_ptr": f"*{y}",
+            "M": "i32", "N": "i32", "stride_ym": "i32", "K": "i32", "stride_gn": "i32",
         }  # fmt: skip
     else:
         fn = weight_only._wo_kernel
         sig = {
-            "x_ptr": f"*{a}", "q_ptr": f"*{w}", "s_ptr": "*fp32", "t_ptr": "*fp32", "y_ptr": f"*{y}",
-            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_ym": "i32",
+            "x_ptr": f"*{a}", "q_ptr": f"*{w}", "s_ptr": "*fp32", "t_ptr": "*fp32", "g_ptr": "*fp16", "y_ptr": f"*{y}",
+            "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_qn": "i32", "stride_gn": "i32",
+            "stride_ym": "i32",
         }  # fmt: skip
         consts["EVEN_K"] = True
     consts["TOKEN_SCALE"] = token_scale
     consts["PTX"] = path.ptx
+    consts["GROUP"] = group
     # What a real launch specializes on: 16-byte aligned pointers and ints divisible by 16 (all but M). Without
     # these hints Triton cannot vectorize the loads, skips the shared-memory pipeline and reports far less memory.
     hinted = [n for n, t in sig.items() if t.startswith("*") or (t == "i32" and n != "M")]
@@ -100,11 +102,12 @@ def report() -> list[dict]:
         for table in [own.table, *tuned]:
             path = path_for(target, table)
             for fmt, fmt_rows in table.rows.items():
-                for max_m, cfg in fmt_rows:
+                # INT8 rows also run with group scales (group_size 32, the accuracy default of docs/accuracy.md)
+                for max_m, cfg, group in [(*row, g) for row in fmt_rows for g in ((0, 32) if fmt == "int8" else (0,))]:
                     entry = {"target": target.name, "table": table.source, "format": fmt, "max_m": max_m,
-                             "config": list(cfg), "budget": target.smem_per_block}  # fmt: skip
+                             "config": list(cfg), "group": group, "budget": target.smem_per_block}  # fmt: skip
                     try:
-                        entry["smem"] = compile_config(cfg, fmt, target, path).metadata.shared
+                        entry["smem"] = compile_config(cfg, fmt, target, path, group=group).metadata.shared
                     except Exception as e:  # reported, and failed by the test
                         entry["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
                     rows.append(entry)
@@ -134,8 +137,42 @@ def decode_check() -> dict:
     }
 
 
+def group_check() -> list[dict]:
+    """The pointer kernel with fp16 group scales, run by Triton's interpreter (TRITON_INTERPRET=1: CPU, portable
+    conversions): per case, the largest error against fp64 sums of the same fp16 weight products
+    ``fp16(q * scale)``, relative to the sum of magnitudes (fp32 accumulation: a few 2^-24)."""
+    import torch
+
+    from vllm_lmhead_quant.quant import INT8, quantize_rows
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for m, n, k, group, block_k, swap_ab in ((3, 40, 1056, 32, 64, True), (17, 33, 512, 128, 64, True),
+                                             (5, 40, 256, 16, 64, False), (2, 24, 512, 64, 64, False)):  # fmt: skip
+        x = torch.randn(m, k, generator=gen).to(torch.float16)
+        w = torch.randn(n, k, generator=gen) * torch.rand(n, k // group, 1, generator=gen).repeat_interleave(
+            group, 1).view(n, k)  # groups of different magnitude  # fmt: skip
+        q, g = quantize_rows(w, INT8, group_size=group)
+        y = torch.empty(m, n, dtype=torch.float32)
+        s = torch.ones(n, dtype=torch.float32)
+        bm, bn = 16, 32
+        grid = (-(-m // bm) * -(-n // bn),)
+        weight_only._wo_kernel[grid](
+            x, q, s, s, g, y, m, n, k, x.stride(0), q.stride(0), g.stride(0), y.stride(0),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, SWAP_AB=swap_ab, EVEN_K=k % block_k == 0, TOKEN_SCALE=False,
+            PTX=False, GROUP=group,
+        )  # fmt: skip
+        w16 = (q.to(torch.float16).view(n, -1, group) * g[:, :, None]).view(n, k)  # rounded once, as the kernel
+        ref = x.double() @ w16.double().T
+        bound = x.double().abs() @ w16.double().abs().T
+        rows.append({"m": m, "n": n, "k": k, "group": group, "block_k": block_k, "swap_ab": swap_ab,
+                     "rel": float(((y.double() - ref).abs() / bound).max())})  # fmt: skip
+    return rows
+
+
 if __name__ == "__main__":  # the CPU tests run this in a venv that has Triton (tools/bootstrap.sh)
     import json
     import sys
 
-    print(json.dumps(decode_check() if sys.argv[1:] == ["--decode"] else report()))
+    mode = {"--decode": decode_check, "--groups": group_check}.get(sys.argv[1] if sys.argv[1:] else "", report)
+    print(json.dumps(mode()))

@@ -211,6 +211,27 @@ if HAS_TRITON:
             return w.to(act_dtype)
 
     @triton.jit
+    def _group_scaled(w, g_ptr, rn_ld, stride_gn, kb, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUP: tl.constexpr, SWAP_AB: tl.constexpr):
+        """The converted fp16 weight tile times its fp16 group scales, rounded once to fp16 (scale before the MMA,
+        as Marlin does): ``[BLOCK_N, BLOCK_K]`` with SWAP_AB, else ``[BLOCK_K, BLOCK_N]``. ``GROUP`` is a power of two
+        that divides BLOCK_K or is a multiple of it."""
+        if GROUP >= BLOCK_K:  # one scale per row for the whole tile
+            g = tl.load(g_ptr + rn_ld * stride_gn + (kb * BLOCK_K) // GROUP)
+            return w * (g[:, None] if SWAP_AB else g[None, :])
+        else:
+            NG: tl.constexpr = BLOCK_K // GROUP
+            cols = kb * NG + tl.arange(0, NG)
+            # The K tail's columns past K / GROUP hold zero weights; masking keeps their scales in bounds.
+            g = tl.load(g_ptr + rn_ld[:, None] * stride_gn + cols[None, :], mask=cols[None, :] < K // GROUP, other=0.0)
+            if SWAP_AB:
+                w3 = tl.reshape(w, (BLOCK_N, NG, GROUP)) * g[:, :, None]
+                return tl.reshape(w3, (BLOCK_N, BLOCK_K))
+            else:
+                w3 = tl.reshape(w, (NG, GROUP, BLOCK_N)) * tl.trans(g)[:, None, :]
+                return tl.reshape(w3, (BLOCK_K, BLOCK_N))
+
+    @triton.jit
     def _scale_and_store(acc, s, t, y_ptr, rm, rn, M, N, stride_ym, SWAP_AB: tl.constexpr, TOKEN_SCALE: tl.constexpr):
         """Both kernels' epilogue: the per-row scales ``s``, then (fp16 math) the per-token powers of two ``t``, exact
         after the one rounding of acc * s; one store in y's dtype, masked to [M, N]."""
@@ -237,12 +258,14 @@ if HAS_TRITON:
         q_ptr,
         s_ptr,
         t_ptr,
+        g_ptr,
         y_ptr,
         M,
         N,
         K,
         stride_xm,
         stride_qn,
+        stride_gn,
         stride_ym,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -251,6 +274,7 @@ if HAS_TRITON:
         EVEN_K: tl.constexpr,
         TOKEN_SCALE: tl.constexpr,
         PTX: tl.constexpr,
+        GROUP: tl.constexpr,
     ):
         # Token tiles vary fastest: the programs that share one weight tile run together, so at large M the
         # weight is read from DRAM once and the (small) activation stays L2-resident.
@@ -288,10 +312,15 @@ if HAS_TRITON:
                     xa = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
             # e4m3/int8 -> bf16/fp16 is exact; the dot accumulates in fp32.
             w = _to_act(w, act_dtype, PTX)
+            if GROUP > 0:
+                w = _group_scaled(w, g_ptr, rn_ld, stride_gn, kb, K, BLOCK_N, BLOCK_K, GROUP, SWAP_AB)
             acc = tl.dot(w, xa, acc) if SWAP_AB else tl.dot(xa, w, acc)
             q_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        s = tl.load(s_ptr + rn_ld)
+        if GROUP > 0:  # noqa: SIM108 - the group scales went into the weight tile (_group_scaled)
+            s = tl.full((BLOCK_N,), 1.0, tl.float32)
+        else:
+            s = tl.load(s_ptr + rn_ld)
         if q_ptr.dtype.element_ty == tl.uint8:  # decoded e4m3 is 2^-8 times its value
             s = s * 256.0
         t = s  # placeholder, unused without TOKEN_SCALE
@@ -305,17 +334,20 @@ if HAS_TRITON:
         q_desc,
         s_ptr,
         t_ptr,
+        g_ptr,
         y_ptr,
         M,
         N,
         stride_ym,
         K,
+        stride_gn,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
         SWAP_AB: tl.constexpr,
         TOKEN_SCALE: tl.constexpr,
         PTX: tl.constexpr,
+        GROUP: tl.constexpr,
     ):
         # Same math as _wo_kernel; tiles arrive by TMA (one instruction per tile, 128-byte swizzled, no
         # per-thread address math). Out-of-range rows and the K tail are zero-filled by the copy engine.
@@ -330,13 +362,19 @@ if HAS_TRITON:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rn = off_n + tl.arange(0, BLOCK_N)
+        rn_ld = tl.minimum(rn, N - 1).to(tl.int64)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             w = _to_act(q_desc.load([off_n, kb * BLOCK_K]), act_dtype, PTX)
+            if GROUP > 0:  # the descriptor's tile is [BLOCK_N, BLOCK_K] either way
+                w = _group_scaled(w, g_ptr, rn_ld, stride_gn, kb, K, BLOCK_N, BLOCK_K, GROUP, True)
             xa = x_desc.load([off_m, kb * BLOCK_K])
             acc = tl.dot(w, xa.T, acc) if SWAP_AB else tl.dot(xa, w.T, acc)
         rm = off_m + tl.arange(0, BLOCK_M)
-        rn = off_n + tl.arange(0, BLOCK_N)
-        s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+        if GROUP > 0:  # noqa: SIM108 - a constexpr branch: Triton compiles only one side
+            s = tl.full((BLOCK_N,), 1.0, tl.float32)
+        else:
+            s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
         if q_desc.dtype == tl.uint8:  # decoded e4m3 is 2^-8 times its value
             s = s * 256.0
         t = s  # placeholder, unused without TOKEN_SCALE
@@ -424,11 +462,28 @@ def weight_only_mm(
     """``y[m, n] = scale[n] * sum_k x[m, k] * float(q[n, k])`` with fp32 accumulation, shape ``[M, N]``.
 
     ``x``: ``[M, K]`` bf16/fp16 CUDA (leading dims are flattened, the result keeps them); ``q``: ``[N, K]``
-    float8_e4m3fn or int8; ``scale``: ``[N]`` fp32; ``out_dtype``: bf16/fp16/fp32, default ``x.dtype``. ``config``
-    overrides the device's table and ``path`` the device's kernel path (benchmarks and tests: e.g. the Ampere path
-    on a Hopper GPU). Graph-capturable once each config has compiled: the only allocation is the output.
+    float8_e4m3fn or int8; ``scale``: ``[N]`` fp32, or fp16 group scales ``[N, K / G]`` (G a power of two >= 16;
+    ``y[m, n] = sum_k x[m, k] * fp16(q[n, k] * scale[n, k // G])``, see ``_group_scaled``); ``out_dtype``:
+    bf16/fp16/fp32, default ``x.dtype``. ``config`` overrides the device's table and ``path`` the device's kernel
+    path (benchmarks and tests: e.g. the Ampere path on a Hopper GPU). Graph-capturable once each config has
+    compiled: the only allocation is the output.
     """
     return _mm(x, q, scale, out_dtype, config, path)[0]
+
+
+def group_of(q: torch.Tensor, scale: torch.Tensor) -> int:
+    """0 for per-row scales (``[N]``), else the group size G of fp16 group scales ``[N, K / G]`` (quant.py), which
+    the kernel takes when G is a power of two from 16 up; ``ValueError``/``TypeError`` otherwise."""
+    if scale.dim() < 2:
+        return 0
+    groups = scale.shape[1]
+    g = q.shape[1] // groups if groups and q.shape[1] % groups == 0 else 0
+    if g < 16 or g & (g - 1):
+        raise ValueError(f"group scales {tuple(scale.shape)} for q {tuple(q.shape)}: the group size must be a power "
+                         "of two >= 16 that divides K")  # fmt: skip
+    if scale.dtype != torch.float16:
+        raise TypeError(f"group scales must be float16 (quant.quantize_rows stores them so), got {scale.dtype}")
+    return g
 
 
 def _mm(x, q, scale, out_dtype, config=None, path=None) -> tuple[torch.Tensor, _Plan | None]:
@@ -438,9 +493,10 @@ def _mm(x, q, scale, out_dtype, config=None, path=None) -> tuple[torch.Tensor, _
     out_dtype = out_dtype or x.dtype
     if x.dtype not in _ACT_DTYPES or q.dtype not in Q_DTYPES or out_dtype not in _OUT_DTYPES:
         raise TypeError(f"unsupported dtypes x={x.dtype} q={q.dtype} out={out_dtype}")
-    if q.dim() != 2 or x.shape[-1] != q.shape[1] or scale.numel() != q.shape[0]:
+    if q.dim() != 2 or x.shape[-1] != q.shape[1] or scale.shape[0] != q.shape[0] or scale.dim() > 2:
         shapes = f"x {tuple(x.shape)}, q {tuple(q.shape)}, scale {tuple(scale.shape)}"
         raise ValueError(f"shape mismatch: {shapes}")
+    group = group_of(q, scale)
     k = x.shape[-1]
     n = q.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
@@ -448,7 +504,9 @@ def _mm(x, q, scale, out_dtype, config=None, path=None) -> tuple[torch.Tensor, _
         x2 = x2.contiguous()
     if q.stride(-1) != 1:
         q = q.contiguous()
-    if scale.dtype != torch.float32 or not scale.is_contiguous():
+    if group:
+        scale = scale if scale.stride(-1) == 1 else scale.contiguous()
+    elif scale.dtype != torch.float32 or not scale.is_contiguous():
         scale = scale.float().contiguous()
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=x.device)
@@ -553,17 +611,19 @@ class _Plan:
     """Everything ``_run`` derives from a call's shapes, dtypes, alignment and config, minus the activation and the
     output: reused by :class:`BoundKernel` for later calls with the same signature."""
 
-    __slots__ = ("kernel", "key", "consts", "grid0", "tma", "token_scale", "q", "q_desc", "scale", "m", "n", "k",
-                 "block_x", "num_warps", "num_stages", "runner", "pre_runner", "_x_desc")  # fmt: skip
+    __slots__ = ("kernel", "key", "consts", "grid0", "tma", "token_scale", "group", "q", "q_desc", "scale", "m", "n",
+                 "k", "block_x", "num_warps", "num_stages", "runner", "pre_runner", "_x_desc")  # fmt: skip
 
     def args(self, x2: torch.Tensor, y: torch.Tensor) -> tuple:
         tscale = self.scale  # placeholder pointer, never read without TOKEN_SCALE
         if self.token_scale:
             x2, tscale = _to_fp16_pow2(x2, self.pre_runner)
         m, n, k = self.m, self.n, self.k
+        s = self.scale  # group scales are read through g_ptr; s_ptr is then a placeholder, never read
+        sg = s.stride(0) if self.group else 0
         if self.tma:
-            return (self._desc(x2), self.q_desc, self.scale, tscale, y, m, n, n, k)
-        return (x2, self.q, self.scale, tscale, y, m, n, k, x2.stride(0), self.q.stride(0), n)
+            return (self._desc(x2), self.q_desc, s, tscale, s, y, m, n, n, k, sg)
+        return (x2, self.q, s, tscale, s, y, m, n, k, x2.stride(0), self.q.stride(0), sg, n)
 
     def _desc(self, x2: torch.Tensor):
         template = self._x_desc
@@ -598,7 +658,10 @@ def _plan(x2, q, scale, out_dtype: torch.dtype, cfg: KernelConfig, path: KernelP
     if bits:
         q = q.view(torch.uint8)  # the kernel decodes the e4m3 bits, to fp16: bf16 activations go in as fp16
     p.grid0 = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # (triton.cdiv costs ~3 us a call in Triton 3.6)
-    p.token_scale = (cfg.fp16_math or bits) and x2.dtype == torch.bfloat16
+    p.group = group_of(q, scale)
+    # Group scales multiply the weight tile in fp16 before the MMA, which needs fp16 maths: in bf16 the product's
+    # rounding (2^-9) would cost most of what the groups gain (docs/accuracy.md, "Per-group scales").
+    p.token_scale = (cfg.fp16_math or bits or p.group > 0) and x2.dtype == torch.bfloat16
     p.consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SWAP_AB": cfg.swap_ab}
     # With TOKEN_SCALE the kernel reads a fresh fp16 copy (aligned, row stride k) instead of x2.
     x_dtype, sx = (torch.float16, k) if p.token_scale else (x2.dtype, x2.stride(0))
@@ -616,9 +679,11 @@ def _plan(x2, q, scale, out_dtype: torch.dtype, cfg: KernelConfig, path: KernelP
         p.consts["EVEN_K"] = k % cfg.block_k == 0
     p.consts["TOKEN_SCALE"] = p.token_scale
     p.consts["PTX"] = path.ptx
+    p.consts["GROUP"] = p.group
     # y is fresh from the caching allocator (aligned, row stride n); the rest is what Triton specializes on.
     # The device too: a binary is loaded per device (one process may drive several GPUs).
-    p.key = (x2.device.index, cfg, p.tma, p.token_scale, path.ptx, x_dtype, q.dtype, out_dtype, n, k, sx, sq, aligned)
+    p.key = (x2.device.index, cfg, p.tma, p.token_scale, path.ptx, x_dtype, q.dtype, out_dtype, n, k, sx, sq, aligned,
+             p.group, scale.dtype, scale.stride(0))  # fmt: skip
     p.q, p.scale, p.m, p.n, p.k = q, scale, m, n, k
     p.block_x = [cfg.block_m, cfg.block_k]
     p.num_warps, p.num_stages = cfg.num_warps, cfg.num_stages

@@ -141,7 +141,7 @@ class QuantizedHeadMethod(QuantizeMethodBase):
             str(self.logits_dtype or layer.orig_dtype).removeprefix("torch."),
             memory,
         )
-        level, line = ops.head_path(q.device, q.dtype, grouped=self.group_size is not None)
+        level, line = ops.head_path(q.device, q.dtype, self.group_size)
         _log.once(level, ("head_path", str(q.device), self.fmt.name), "%s on %s: %s", self.method_name, q.device, line)
 
     def _keep_for_direct_reload(self, layer: torch.nn.Module, pair, q: torch.Tensor, scale: torch.Tensor) -> None:
@@ -257,7 +257,7 @@ class QuantizedHeadMethod(QuantizeMethodBase):
 
 def _scales_text(group_size: int | None) -> str:
     """How the start-up lines name the scales."""
-    return "per-row fp32 scales" if group_size is None else f"fp32 scales per {group_size} weights"
+    return "per-row fp32 scales" if group_size is None else f"fp16 scales per {group_size} weights"
 
 
 # Transient memory one chunk of a weight update may use. vLLM gave the rest of the GPU to the KV cache, so an update
