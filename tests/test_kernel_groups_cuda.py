@@ -56,28 +56,30 @@ def _reference(x, q, scale, out_dtype, cfg, path):
     return y
 
 
-def _configs(path):
-    return list(dict.fromkeys(cfg for _, cfg in path.table.rows["int8"]))
+def _cases():
+    """(path, config, group, K): every INT8 row of the device's table with groups of 32 (and a K tail), groups of 128
+    on the decode row, one row of the Ampere path (pointer loads, no TMA)."""
+    rows = list(dict.fromkeys(cfg for _, cfg in NATIVE.table.rows["int8"]))
+    cases = [("native", cfg, 32, 4096) for cfg in rows] + [("native", rows[0], 32, 1056)]
+    cases += [("native", rows[0], 128, 4096), ("native", rows[-1], 128, 4096)]
+    ampere = AMPERE.table.rows["int8"][0][1]
+    return cases + [("ampere", ampere, 32, 1056), ("ampere", ampere, 128, 4096)]
 
 
-@pytest.mark.parametrize("path_name", list(PATHS))
-@pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("k", [1024, 4096, 1056])
-def test_group_scales_are_bitwise_the_fp16_weight(path_name, group, k):
-    """Every INT8 table config of the path, both activation dtypes, bf16 and fp32 logits, M from 1 to 300."""
-    if k % group:
-        pytest.skip(f"group {group} does not divide K {k}")
+@pytest.mark.parametrize("path_name, cfg, group, k", _cases(), ids=str)
+def test_group_scales_are_bitwise_the_fp16_weight(path_name, cfg, group, k):
+    """Both activation dtypes, fp32 logits (and bf16 on the first row), M from 1 to 300."""
     path = PATHS[path_name]
     q, scale = _grouped(4096 + 13, k, group)
     gen = torch.Generator(device=DEV).manual_seed(k)
-    for cfg in _configs(path):
-        for m in (1, 17, 300):
-            for act in (torch.bfloat16, torch.float16):
-                x = (torch.randn(m, k, device=DEV, generator=gen) * 3).to(act)
-                for out_dtype in (torch.float32, torch.bfloat16):
-                    y = wo.weight_only_mm(x, q, scale, out_dtype, config=cfg, path=path)
-                    ref = _reference(x, q, scale, out_dtype, cfg, path)
-                    assert torch.equal(y, ref), f"{cfg} M={m} {act} -> {out_dtype}"
+    outs = (torch.float32, torch.bfloat16) if cfg == path.table.rows["int8"][0][1] else (torch.float32,)
+    for m in (1, 17, 300):
+        for act in (torch.bfloat16, torch.float16):
+            x = (torch.randn(m, k, device=DEV, generator=gen) * 3).to(act)
+            for out_dtype in outs:
+                y = wo.weight_only_mm(x, q, scale, out_dtype, config=cfg, path=path)
+                ref = _reference(x, q, scale, out_dtype, cfg, path)
+                assert torch.equal(y, ref), f"M={m} {act} -> {out_dtype}"
 
 
 @pytest.mark.parametrize("fmt", [INT8, FP8], ids=lambda f: f.name)
