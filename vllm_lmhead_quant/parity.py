@@ -212,7 +212,7 @@ def run_head(name, model, chunks, greedy_prompts, greedy_tokens, ref, engine_arg
     from vllm_lmhead_quant.trainer import logprob_mismatch
 
     kwargs = head_engine_args(name, engine_args)
-    res = HeadResult(name, HEADS[name])
+    res = HeadResult(name, kwargs)  # what the engine got, the user's --engine-args included
     t0 = time.monotonic()
     llm = LLM(model=str(model), **kwargs)
     try:
