@@ -41,6 +41,7 @@ VARIANTS = (
     "int8_g32_bf16_out",
     "int8_g32_fp32_out",
     "int8_g128_fp32_out",
+    "int8_dequant_chunks_cublas_fp32_out",
 )
 # Variants computed from a quantized weight, and which: their "own" accuracy reference is that weight.
 QUANTIZED_VARIANTS = {
@@ -54,6 +55,7 @@ QUANTIZED_VARIANTS = {
     "int8_g32_bf16_out": "int8-g32",
     "int8_g32_fp32_out": "int8-g32",
     "int8_g128_fp32_out": "int8-g128",
+    "int8_dequant_chunks_cublas_fp32_out": "int8",
 }
 GROUPED = {"int8-g32": 32, "int8-g128": 128}  # fp16 group scales (quant.quantize_rows group_size)
 
@@ -233,7 +235,26 @@ def make_variants(torch, wo, x, w, quants, path=None):
         "int8_g32_bf16_out": lambda: wo.weight_only_mm(x, q32, g32, torch.bfloat16, path=path),
         "int8_g32_fp32_out": lambda: wo.weight_only_mm(x, q32, g32, torch.float32, path=path),
         "int8_g128_fp32_out": lambda: wo.weight_only_mm(x, q128, g128, torch.float32, path=path),
+        "int8_dequant_chunks_cublas_fp32_out": lambda: dequant_chunks_cublas(torch, x, q8, scale8),
     }
+
+
+def dequant_chunks_cublas(torch, x, q, scale, chunk_bytes: int = 16 << 20):
+    """A large-M candidate for issue #32: vocab chunks of the INT8 weight converted to bf16 (exact) into one buffer
+    small enough to stay in L2, each multiplied by cuBLAS (fp32 out, transposed so a chunk's rows are contiguous),
+    then scaled per row. Returns the [N, M] result's transpose (a view). Three launches a chunk: only for large M,
+    where cuBLAS's tensor-core time, not the weight stream, is the floor."""
+    n, k = q.shape
+    rows = max(256, chunk_bytes // (2 * k))
+    out_t = torch.empty(n, x.shape[0], dtype=torch.float32, device=x.device)
+    buf = torch.empty(rows, k, dtype=x.dtype, device=x.device)
+    xt = x.t()
+    for s in range(0, n, rows):
+        e = min(s + rows, n)
+        b = buf[: e - s]
+        b.copy_(q[s:e])
+        torch.mul(torch.mm(b, xt, out_dtype=torch.float32), scale[s:e, None], out=out_t[s:e])
+    return out_t.t()
 
 
 def make_weights(torch, quant, v, h):
