@@ -163,3 +163,21 @@ def test_a_group_size_that_does_not_divide_the_hidden_size_is_refused(tiny):
     with pytest.raises(Exception, match=r"group_size 48 is not a power of two from 16 that divides the hidden size "
                        r"\d+ .*; group sizes that work: "):  # fmt: skip
         run_llm(path, quantization="int8_lm_head", additional_config={"lm_head_quant": {"group_size": 48}})
+
+
+def test_group_scales_at_tensor_parallel_2(tiny, monkeypatch):
+    """TP 2 with ``group_size: 32``: each rank quantizes its own vocab rows (groups run along H, which TP does not
+    split) and holds half the rows with their fp16 group scales; against vLLM's fp32 head at TP 2 (the body's TP
+    rounding differs from TP 1's) the error is TP 1's, within the CPU GEMMs' noise."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # vLLM's auto binding needs one NUMA node per rank
+    path = tiny("llama", tied=False)
+    grouped = {"quantization": "int8_lm_head", "additional_config": {"lm_head_quant": {"group_size": 32}}}
+    tp1, oracle1 = cached_run(path, **grouped), cached_run(path, **ORACLE)
+    tp2 = run_llm(path, tensor_parallel_size=2, max_num_seqs=1, **grouped)
+    oracle2 = run_llm(path, tensor_parallel_size=2, max_num_seqs=1, **ORACLE)
+    v, h = tp1.head["shape"]
+    assert tp2.head["shape"] == (v // 2, h) and tp2.head["scale_shape"] == (v // 2, h // 32)
+    assert tp2.head["scale_dtype"] == "torch.float16" and tp2.head["param_bytes"] == tp1.head["param_bytes"] // 2
+    err1 = logprob_errors(tp1, oracle1, prompt_only=True)["rms"]
+    err2 = logprob_errors(tp2, oracle2, prompt_only=True)["rms"]
+    assert 0 < err2 < BOUNDS["int8_lm_head"][0] and 0.7 < err2 / err1 < 1.4, (err1, err2)
