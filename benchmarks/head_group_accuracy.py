@@ -113,7 +113,7 @@ def head_variants(w: torch.Tensor) -> dict:
     q, s = quantize_rows(w, INT8, group_size=32)
     nbytes = (v * h + 2 * v * (h // 32)) / bf16_bytes
     out["int8-g32-shipped"] = (dequantize_rows(q, s), torch.float32, nbytes)
-    out["int8-g32-kernel"] = ((q.half().view(v, -1, 32) * s[:, :, None]).view(v, h).float(), torch.float32, nbytes)
+    out["int8-g32-kernel"] = (dequantize_rows(q, s, torch.float16).float(), torch.float32, nbytes)
     for group in (32, 64):  # two-level: fp32 per row times an e4m3 per group, rounded up (no clamping)
         deq, groups = quantize_two_level(w, group)
         out[f"int8-g{group}-e4m3xrow"] = (deq, torch.float32, (v * h + v * groups + 4 * v) / bf16_bytes)

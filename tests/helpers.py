@@ -47,3 +47,16 @@ def run_harness(script, python, arg, **env) -> dict:
                           env=env)  # fmt: skip
     assert proc.returncode == 0 and "@@RESULT@@" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
     return json.loads(proc.stdout.split("@@RESULT@@")[1])
+
+
+def capture(fn):
+    """``fn`` run once (compiles and keeps its plan), then captured into a CUDA graph: ``(graph, its static output)``.
+    The kernels' graph tests replay it after changing the static inputs."""
+    import torch
+
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

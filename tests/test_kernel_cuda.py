@@ -21,6 +21,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: the FP8/INT8 Triton kernel only runs on CUDA", allow_module_level=True)
 
+from helpers import capture  # noqa: E402
+
 from vllm_lmhead_quant.kernels import device, tables  # noqa: E402
 from vllm_lmhead_quant.kernels import weight_only as wo  # noqa: E402
 from vllm_lmhead_quant.quant import FORMATS, quantize_rows  # noqa: E402
@@ -349,11 +351,7 @@ def test_bound_kernel_in_cuda_graphs(m):
     q, scale = _weight(151936 // 8, 2048)
     bound = wo.BoundKernel(q, scale)
     static_x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
-    bound(static_x, torch.float32)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = bound(static_x, torch.float32)
+    graph, static_y = capture(lambda: bound(static_x, torch.float32))
     static_x.copy_(torch.randn_like(static_x))
     graph.replay()
     torch.cuda.synchronize()

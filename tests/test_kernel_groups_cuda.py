@@ -15,6 +15,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU: the Triton kernel only runs on CUDA", allow_module_level=True)
 
+from helpers import capture  # noqa: E402
+
 from vllm_lmhead_quant.kernels import device  # noqa: E402
 from vllm_lmhead_quant.kernels import weight_only as wo  # noqa: E402
 from vllm_lmhead_quant.quant import FP8, INT8, dequantize_rows, quantize_rows  # noqa: E402
@@ -42,14 +44,9 @@ def _grouped(n: int, k: int, group: int, fmt=INT8):
     return _CACHE[key]
 
 
-def _w16(q, scale):
-    n, k = q.shape
-    return (q.to(torch.float16).view(n, scale.shape[1], -1) * scale[:, :, None]).view(n, k)
-
-
 def _reference(x, q, scale, out_dtype, cfg, path):
     """The per-row kernel on the fp16 weight the group kernel builds in its tiles, with fp16 maths and the same tile."""
-    w16 = _w16(q, scale)
+    w16 = dequantize_rows(q, scale, torch.float16)  # fp16(q * scale): the kernel's weight
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.empty(x2.shape[0], q.shape[0], dtype=out_dtype, device=DEV)
     wo._gemm(x2, w16, torch.ones(q.shape[0], device=DEV), y, cfg._replace(fp16_math=True), path)
@@ -117,11 +114,7 @@ def test_bound_group_kernel_in_cuda_graphs(m):
     q, scale = (t.clone() for t in _grouped(151936 // 8, 2048, 32))
     bound = wo.BoundKernel.bind(q, scale)
     static_x = torch.randn(m, 2048, device=DEV, dtype=torch.bfloat16)
-    bound(static_x, torch.float32)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = bound(static_x, torch.float32)
+    graph, static_y = capture(lambda: bound(static_x, torch.float32))
     new_q, new_scale = quantize_rows(torch.randn(q.shape, device=DEV, dtype=torch.bfloat16) * 0.02, INT8, group_size=32)
     q.copy_(new_q)
     scale.copy_(new_scale)

@@ -138,3 +138,12 @@ def test_group_size_must_divide_the_hidden_size():
         quantize_rows(w, INT8, group_size=128, name="lm_head")
     with pytest.raises(ValueError, match=r"group_size 48 is not a power of two"):  # divides 576, but no tile holds it
         quantize_rows(w, INT8, group_size=48, name="lm_head")
+
+
+def test_a_group_scale_beyond_fp16_is_refused():
+    """A group whose largest weight needs a scale above fp16's 65504 would store inf (and dequantize to NaN)."""
+    w = torch.full((4, 64), 0.01)
+    w[2, 40] = 1e7
+    with pytest.raises(ValueError, match=r"lm_head: a group's largest weight exceeds 8.32e\+06, .* drop group_size"):
+        quantize_rows(w, INT8, group_size=32, name="lm_head")
+    assert quantize_rows(w, INT8, name="lm_head")[1].isfinite().all()  # per-row fp32 scales take it

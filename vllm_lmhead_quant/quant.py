@@ -79,6 +79,11 @@ def quantize_rows(
         )
     if group_size is None:
         return q, scale[:, 0]
+    if bool(torch.isinf(scale).any()):
+        raise ValueError(
+            f"{name}: a group's largest weight exceeds {torch.finfo(GROUP_SCALE_DTYPE).max * fmt.qmax:.3g}, beyond "
+            "what an fp16 group scale holds; drop group_size for per-row fp32 scales"
+        )
     small = float((scale < _FP16_NORMAL).float().mean())
     if small > 0.01:
         logger.warning(
@@ -109,7 +114,8 @@ def _quantize_chunk(part: torch.Tensor, fmt: Format, name: str, first_row: int, 
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q.float() * scale`` (per row ``[N]`` or per group ``[N, K/G]``) cast to ``dtype``: the exact value the format
-    stands for."""
+    stands for (the fp32 product is exact). With group scales and ``dtype=torch.float16`` it is the weight the fused
+    GPU kernel multiplies, ``fp16(q * scale)`` rounded once (weight_only._group_scaled)."""
     if scale.dim() == 2:
         n, k = q.shape
         return (q.float().view(n, scale.shape[1], -1) * scale.float()[:, :, None]).view(n, k).to(dtype)

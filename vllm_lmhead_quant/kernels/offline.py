@@ -143,7 +143,7 @@ def group_check() -> list[dict]:
     ``fp16(q * scale)``, relative to the sum of magnitudes (fp32 accumulation: a few 2^-24)."""
     import torch
 
-    from vllm_lmhead_quant.quant import INT8, quantize_rows
+    from vllm_lmhead_quant.quant import INT8, dequantize_rows, quantize_rows
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -162,7 +162,7 @@ def group_check() -> list[dict]:
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, SWAP_AB=swap_ab, EVEN_K=k % block_k == 0, TOKEN_SCALE=False,
             PTX=False, GROUP=group,
         )  # fmt: skip
-        w16 = (q.to(torch.float16).view(n, -1, group) * g[:, :, None]).view(n, k)  # rounded once, as the kernel
+        w16 = dequantize_rows(q, g, torch.float16)  # fp16(q * scale), rounded once, as the kernel
         ref = x.double() @ w16.double().T
         bound = x.double().abs() @ w16.double().abs().T
         rows.append({"m": m, "n": n, "k": k, "group": group, "block_k": block_k, "swap_ab": swap_ab,

@@ -5,7 +5,8 @@ halves the bytes only if nothing re-materializes it in bf16. ``torch._scaled_mm`
 in FP8 too (w8a8), which costs ~0.1 nats of logprob error; dequantizing per call costs 8x the bf16 GEMM. Here
 each FP8 tile is converted to the activation dtype in registers (e4m3 -> bf16/fp16 is exact: 3 mantissa bits,
 exponent range inside both), multiplied on the 16-bit tensor cores with fp32 accumulation, and the per-row
-fp32 scale is applied to the fp32 accumulator in the epilogue. One rounding, at the final store.
+fp32 scale is applied to the fp32 accumulator in the epilogue. One rounding, at the final store. fp16 group scales
+(one per G weights of a row) are applied to the converted tile instead, before the MMA (``_group_scaled``).
 
 INT8 weights (``q`` int8, same layout and scales) take the same kernels; only the tile conversion differs. Triton's
 plain int8 -> bf16 convert is three scalar instructions per weight, which made the INT8 head 0.81-0.88x bf16 at
@@ -658,7 +659,7 @@ def _plan(x2, q, scale, out_dtype: torch.dtype, cfg: KernelConfig, path: KernelP
     if bits:
         q = q.view(torch.uint8)  # the kernel decodes the e4m3 bits, to fp16: bf16 activations go in as fp16
     p.grid0 = -(-m // cfg.block_m) * -(-n // cfg.block_n)  # (triton.cdiv costs ~3 us a call in Triton 3.6)
-    p.group = group_of(q, scale)
+    p.group = q.shape[1] // scale.shape[1] if scale.dim() == 2 else 0  # checked by group_of in _mm
     # Group scales multiply the weight tile in fp16 before the MMA, which needs fp16 maths: in bf16 the product's
     # rounding (2^-9) would cost most of what the groups gain (docs/accuracy.md, "Per-group scales").
     p.token_scale = (cfg.fp16_math or bits or p.group > 0) and x2.dtype == torch.bfloat16
